@@ -1,0 +1,243 @@
+"""The per-instance broker bridge: one RabbitMQ connection per web process, shared by all sockets.
+
+It consumes the instance's own queue on `<ns>.broadcast` and hands each message to the local
+sockets that match it, encoding the client frame once per message, not once per socket. It also
+publishes (confirmed) for the API and for inbound `send` frames. Daphne runs no ASGI lifespan,
+so the bridge starts once per process from the ASGI module (or lazily, on first use).
+"""
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from django.conf import settings
+from django.utils import timezone
+
+from consumers_app.registry import Socket, SocketRegistry
+from notifications import broker, metrics
+from notifications.broker import BrokerUnavailable
+from notifications.delivery_log import DeliveryLogWriter
+
+logger = logging.getLogger(__name__)
+
+# Unacked messages the broker may push to this instance at once: enough to keep the fan-out
+# busy while acks travel back, small enough that a restart redelivers little.
+INSTANCE_PREFETCH = 256
+# Message ids remembered to drop redeliveries (a reconnect redelivers what was not yet acked,
+# and a worker may republish a reply after a crash).
+RECENT_IDS = 20_000
+
+
+class InstanceBridge:
+    def __init__(self) -> None:
+        self.instance_id: str = settings.RT_INSTANCE_ID
+        self.topology = broker.current_topology()
+        self.registry = SocketRegistry()
+        self.log = DeliveryLogWriter(self.instance_id)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connection: AbstractRobustConnection | None = None
+        self._broadcast: AbstractExchange | None = None
+        self._default: AbstractExchange | None = None
+        self._start_task: asyncio.Task | None = None
+        self._started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start connecting in the running loop, once."""
+        if self._start_task is None:
+            self.loop = asyncio.get_running_loop()
+            self._start_task = self.loop.create_task(self._start(), name="bridge-start")
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._started.is_set()
+            and self.connection is not None
+            and not self.connection.is_closed
+            and self.connection.connected.is_set()
+        )
+
+    async def wait_ready(self, timeout: float) -> bool:
+        self.ensure_started()
+        try:
+            await asyncio.wait_for(self._started.wait(), timeout)
+        except TimeoutError:
+            return False
+        return self.ready
+
+    async def _start(self) -> None:
+        self.connection = await broker.connect(self._stop)
+        self.connection.close_callbacks.add(self._on_connection_lost)
+        self.connection.reconnect_callbacks.add(self._on_reconnected)
+
+        setup = await self.connection.channel()
+        await broker.declare_topology(setup, self.topology)
+        await setup.close()
+
+        consume = await self.connection.channel()
+        await consume.set_qos(prefetch_count=INSTANCE_PREFETCH)
+        queue = await broker.declare_instance_queue(consume, self.topology, self.instance_id)
+        await queue.consume(self._on_message, exclusive=True)
+
+        publish = await self.connection.channel(publisher_confirms=True)
+        self._broadcast = await broker.declare_broadcast(publish, self.topology)
+        self._default = publish.default_exchange
+
+        self.log.start()
+        self._started.set()
+        metrics.broker_connected.set(1)
+        logger.info("bridge ready: consuming %s", queue.name)
+
+    def _on_connection_lost(self, *args: Any) -> None:
+        metrics.broker_connected.set(0)
+        logger.warning("lost the RabbitMQ connection; reconnecting (sockets stay open)")
+
+    def _on_reconnected(self, *args: Any) -> None:
+        metrics.broker_connected.set(1)
+        logger.info("reconnected to RabbitMQ; queue and bindings restored")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            try:
+                await self._start_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.log.stop()
+        if self.connection is not None and not self.connection.is_closed:
+            await self.connection.close()
+        metrics.broker_connected.set(0)
+
+    # --- sockets -------------------------------------------------------------------------
+
+    def register(self, socket: Socket) -> None:
+        self.registry.add(socket)
+        metrics.connections.set(len(self.registry))
+
+    def unregister(self, socket: Socket) -> None:
+        self.registry.remove(socket)
+        metrics.connections.set(len(self.registry))
+
+    # --- broker -> sockets ---------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Everything up to the ack runs without yielding, so messages reach sockets in queue order.
+        try:
+            body = broker.decode(message.body)
+            message_id = str(body["id"])
+            parsed_id = uuid.UUID(message_id)
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            logger.error("dropping a malformed message from %s: %s", self.topology.broadcast_exchange, exc)
+            await _settle(message.reject(requeue=False))
+            return
+        metrics.messages_received.inc()
+        if self._seen(message_id):
+            metrics.messages_duplicate.inc()
+        else:
+            self.dispatch(body, parsed_id)
+        await _settle(message.ack())
+
+    def dispatch(self, body: dict[str, Any], message_id: uuid.UUID) -> int:
+        frame = orjson.dumps(
+            {
+                "type": "message",
+                "id": body["id"],
+                "topic": body.get("topic"),
+                "event": body.get("event"),
+                "payload": body.get("payload"),
+                "published_at": body.get("published_at"),
+            }
+        ).decode()
+        now = timezone.now()
+        delivered = 0
+        for socket in self.registry.targets(body):
+            try:
+                ok = socket.deliver(frame, body["id"])
+            except Exception:
+                logger.exception("delivery to %s failed", getattr(socket, "connection_id", "?"))
+                ok = False
+            if ok:
+                delivered += 1
+                self.log.record_delivery(message_id, socket.user_id, socket.connection_id, now)
+            else:
+                metrics.delivery_failures.inc()
+        metrics.deliveries.inc(delivered)
+        return delivered
+
+    def _seen(self, message_id: str) -> bool:
+        if message_id in self._recent:
+            return True
+        self._recent[message_id] = None
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+        return False
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def _exchange(self, exchange: AbstractExchange | None) -> AbstractExchange:
+        if exchange is None or not self.ready:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        return exchange
+
+    async def publish_broadcast(self, body: dict[str, Any], message_id: str) -> None:
+        await broker.publish(self._exchange(self._broadcast), body, message_id=message_id)
+
+    async def publish_inbound(self, body: dict[str, Any], message_id: str) -> None:
+        await broker.publish(
+            self._exchange(self._default),
+            body,
+            message_id=message_id,
+            routing_key=self.topology.inbound_queue,
+            mandatory=True,
+        )
+
+
+async def _settle(operation: Any) -> None:
+    """Ack or reject, tolerating a channel that died meanwhile (the broker redelivers anyway)."""
+    try:
+        await operation
+    except (
+        aio_pika.exceptions.ChannelInvalidStateError,
+        aio_pika.exceptions.AMQPError,
+        ConnectionError,
+    ) as exc:
+        logger.info("could not settle a broadcast message (%s); it will be redelivered", exc)
+
+
+_bridge: InstanceBridge | None = None
+
+
+def get_bridge() -> InstanceBridge:
+    """This process's bridge (created on first call, started by `ensure_bridge`)."""
+    global _bridge
+    if _bridge is None:
+        _bridge = InstanceBridge()
+    return _bridge
+
+
+def ensure_bridge() -> InstanceBridge:
+    """The bridge, started in the running loop (a new one if an old loop owned the last one)."""
+    global _bridge
+    loop = asyncio.get_running_loop()
+    bridge = get_bridge()
+    if bridge.loop is not None and bridge.loop is not loop and bridge.loop.is_closed():
+        _bridge = bridge = InstanceBridge()
+    bridge.ensure_started()
+    return bridge
+
+
+async def reset_bridge() -> None:
+    """Stop and forget the bridge (tests; a drained process)."""
+    global _bridge
+    bridge, _bridge = _bridge, None
+    if bridge is not None:
+        await bridge.stop()

@@ -1,0 +1,53 @@
+"""The interface of an inbound handler, and the context it gets to reply with.
+
+A handler runs in a worker, inside the database transaction that marks its frame processed:
+what it writes and the replies it asks for commit together, or not at all. Replies are stored
+as messages and published only after that commit (and again after a crash, if need be).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from notifications.models import InboundFrame, Message
+from notifications.services.messages import create_message
+
+
+class InvalidPayload(ValueError):
+    """The payload is wrong for this event; the socket gets an `invalid` error, nothing is queued."""
+
+
+class InboundHandler:
+    """Subclass, set the event name in RT_INBOUND_HANDLERS, and implement `handle`."""
+
+    def validate(self, payload: Any) -> None:
+        """Check the payload at the socket, before anything is queued. Raise InvalidPayload."""
+
+    def handle(self, frame: InboundFrame, context: "HandlerContext") -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class HandlerContext:
+    """What a handler may do besides its own writes: send messages, published after commit."""
+
+    frame: InboundFrame
+    worker_id: str
+    messages: list[Message] = field(default_factory=list)
+
+    def reply(self, event: str, payload: Any) -> Message:
+        """A message to every socket of the frame's sender."""
+        return self._add(user_id=self.frame.user_id, event=event, payload=payload)
+
+    def send_to_user(self, user_id: int, event: str, payload: Any) -> Message:
+        return self._add(user_id=user_id, event=event, payload=payload)
+
+    def send_to_topic(self, topic: str, event: str, payload: Any) -> Message:
+        return self._add(topic=topic, event=event, payload=payload)
+
+    def broadcast(self, event: str, payload: Any) -> Message:
+        return self._add(broadcast=True, event=event, payload=payload)
+
+    def _add(self, **target: Any) -> Message:
+        message = create_message(source_inbound=self.frame, origin_instance=self.worker_id, **target)
+        self.messages.append(message)
+        return message

@@ -1,0 +1,128 @@
+"""API shapes (CONTRACT §3)."""
+
+import re
+
+import orjson
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from rest_framework import serializers
+
+from notifications.models import Delivery, InboundFrame, Message
+from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
+
+EVENT_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,100}$")
+
+
+class PublishSerializer(serializers.Serializer):
+    topic = serializers.CharField(required=False, allow_null=True, max_length=200, trim_whitespace=False)
+    user = serializers.CharField(required=False, allow_null=True, max_length=150, trim_whitespace=False)
+    broadcast = serializers.BooleanField(required=False, default=False)
+    event = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
+    payload = serializers.JSONField(required=False, allow_null=True, default=None)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)
+
+    def validate_topic(self, value):
+        if value is not None and not is_valid_topic_name(value):
+            raise serializers.ValidationError(f"A topic is {TOPIC_RULE}.")
+        return value
+
+    def validate_user(self, value):
+        if value is None:
+            return None
+        user = get_user_model().objects.filter(**{get_user_model().USERNAME_FIELD: value}).first()
+        if user is None:
+            raise serializers.ValidationError(f"No user named {value!r}.")
+        return user
+
+    def validate_event(self, value):
+        if value and not EVENT_PATTERN.match(value):
+            raise serializers.ValidationError("An event is 1-100 characters of letters, digits and _ . : / -")
+        return value
+
+    def validate(self, attrs):
+        targets = [name for name in ("topic", "user") if attrs.get(name) is not None]
+        if attrs.get("broadcast"):
+            targets.append("broadcast")
+        if len(targets) != 1:
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Give exactly one of `topic`, `user` or `broadcast: true`."]}
+            )
+        return attrs
+
+
+def payload_size(payload) -> int:
+    return len(orjson.dumps(payload))
+
+
+def payload_too_large(payload) -> bool:
+    return payload_size(payload) > settings.RT_MAX_PAYLOAD_BYTES
+
+
+class DeliverySerializer(serializers.ModelSerializer):
+    user = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Delivery
+        fields = ["user", "connection", "instance", "delivered_at", "acked_at"]
+
+    def get_user(self, delivery) -> str | None:
+        return delivery.user.get_username() if delivery.user_id else None
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    user = serializers.SerializerMethodField()
+    deliveries = DeliverySerializer(many=True, read_only=True)
+    payload = serializers.JSONField()
+
+    class Meta:
+        model = Message
+        fields = [
+            "id",
+            "topic",
+            "user",
+            "broadcast",
+            "event",
+            "payload",
+            "status",
+            "created_at",
+            "published_at",
+            "deliveries",
+        ]
+
+    def get_user(self, message) -> str | None:
+        return message.user.get_username() if message.user_id else None
+
+
+class InboundFrameSerializer(serializers.ModelSerializer):
+    user = serializers.SerializerMethodField()
+    payload = serializers.JSONField()
+
+    class Meta:
+        model = InboundFrame
+        fields = [
+            "id",
+            "user",
+            "event",
+            "payload",
+            "status",
+            "attempts",
+            "processed_by",
+            "accepted_at",
+            "processed_at",
+            "error",
+        ]
+
+    def get_user(self, frame) -> str | None:
+        return frame.user.get_username() if frame.user_id else None
+
+
+class TicketSerializer(serializers.Serializer):
+    ticket = serializers.CharField()
+    expires_in = serializers.IntegerField()

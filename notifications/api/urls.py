@@ -1,0 +1,10 @@
+from django.urls import path
+
+from notifications.api import views
+
+urlpatterns = [
+    path("messages/", views.MessageCreateView.as_view(), name="message-create"),
+    path("messages/<uuid:pk>/", views.MessageDetailView.as_view(), name="message-detail"),
+    path("inbound/<uuid:pk>/", views.InboundDetailView.as_view(), name="inbound-detail"),
+    path("ws-tickets/", views.TicketView.as_view(), name="ws-ticket"),
+]

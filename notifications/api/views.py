@@ -1,0 +1,142 @@
+"""The HTTP API (CONTRACT §3): thin views over the services."""
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import ValidationError
+from rest_framework.generics import RetrieveAPIView
+from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from consumers_app.auth import issue_ticket
+from notifications import selectors
+from notifications.api.errors import BrokerUnavailableError, Conflict, PayloadTooLarge, Unprocessable
+from notifications.api.serializers import (
+    InboundFrameSerializer,
+    MessageSerializer,
+    PublishSerializer,
+    TicketSerializer,
+    payload_too_large,
+)
+from notifications.broker import BrokerUnavailable
+from notifications.models import Message
+from notifications.services import idempotency
+from notifications.services.messages import create_message, publish_from_web
+
+logger = logging.getLogger(__name__)
+
+# Room for the envelope around a payload of the largest allowed size.
+REQUEST_OVERHEAD_BYTES = 16 * 1024
+
+
+class CanPublish(DjangoModelPermissions):
+    """`notifications.add_message` is what lets a user publish."""
+
+    perms_map = {"POST": ["%(app_label)s.add_%(model_name)s"]}
+
+
+class MessageCreateView(APIView):
+    permission_classes = [IsAuthenticated, CanPublish]
+    queryset = Message.objects.none()
+
+    @extend_schema(
+        request=PublishSerializer,
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                description="Makes retries safe for 24 hours: the same key and body answer with the same message.",
+            )
+        ],
+        responses={
+            202: MessageSerializer,
+            400: OpenApiResponse(description="Bad input (field errors)"),
+            409: OpenApiResponse(description="A request with this Idempotency-Key is still in flight"),
+            413: OpenApiResponse(description="Payload larger than RT_MAX_PAYLOAD_BYTES"),
+            422: OpenApiResponse(description="Idempotency-Key reused with a different body"),
+            503: OpenApiResponse(description="Broker unavailable; nothing was published"),
+        },
+        summary="Publish a message to the sockets of a topic, a user, or everyone",
+    )
+    def post(self, request):
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+        if length > settings.RT_MAX_PAYLOAD_BYTES + REQUEST_OVERHEAD_BYTES:
+            raise PayloadTooLarge(
+                f"The request body is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes allow."
+            )
+        body = request.data
+        if isinstance(body, dict) and payload_too_large(body.get("payload")):
+            raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
+        serializer = PublishSerializer(data=body)
+        serializer.is_valid(raise_exception=True)
+
+        key = request.headers.get("Idempotency-Key")
+        claim = None
+        if key is not None:
+            if not key or len(key) > idempotency.MAX_KEY_LENGTH:
+                raise ValidationError({"Idempotency-Key": [f"1-{idempotency.MAX_KEY_LENGTH} characters."]})
+            try:
+                claim = idempotency.claim(request.user, key, body)
+            except idempotency.KeyInFlight:
+                raise Conflict("A request with this Idempotency-Key is still in flight.") from None
+            except idempotency.KeyReused:
+                raise Unprocessable("This Idempotency-Key was used with a different body.") from None
+            if claim.replay is not None:
+                return self._accepted(claim.replay.pk)
+
+        data = serializer.validated_data
+        try:
+            with transaction.atomic():
+                message = create_message(
+                    topic=data.get("topic"),
+                    user=data.get("user"),
+                    broadcast=bool(data.get("broadcast")),
+                    event=data.get("event") or "",
+                    payload=data.get("payload"),
+                    publisher=request.user,
+                    origin_instance=settings.RT_INSTANCE_ID,
+                )
+            publish_from_web(message)
+        except BrokerUnavailable:
+            if claim is not None:
+                idempotency.release(claim.record)
+            raise BrokerUnavailableError() from None
+        except BaseException:
+            if claim is not None:
+                idempotency.release(claim.record)
+            raise
+        if claim is not None:
+            idempotency.complete(claim.record, message)
+        return self._accepted(message.pk)
+
+    def _accepted(self, message_id) -> Response:
+        message = selectors.visible_messages(self.request.user).get(pk=message_id)
+        return Response(MessageSerializer(message).data, status=status.HTTP_202_ACCEPTED)
+
+
+class MessageDetailView(RetrieveAPIView):
+    serializer_class = MessageSerializer
+
+    def get_queryset(self):
+        return selectors.visible_messages(self.request.user)
+
+
+class InboundDetailView(RetrieveAPIView):
+    serializer_class = InboundFrameSerializer
+
+    def get_queryset(self):
+        return selectors.visible_inbound(self.request.user)
+
+
+class TicketView(APIView):
+    @extend_schema(
+        request=None, responses={200: TicketSerializer}, summary="A short-lived ticket for `/ws/?ticket=`"
+    )
+    def post(self, request):
+        data = {"ticket": issue_ticket(request.user), "expires_in": settings.RT_TICKET_TTL}
+        return Response(TicketSerializer(data).data)

@@ -1,0 +1,211 @@
+"""RabbitMQ topology (CONTRACT §2) and the connection every process of a deployment shares.
+
+Web instances and workers declare the whole topology when they connect, so the dead-letter
+queue exists as soon as any process has started, and a broker restart re-creates nothing by
+hand: the robust connection re-declares what was declared on it.
+"""
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# The quorum queue's own safety net: a frame that kills its worker this many times is
+# dead-lettered by the broker even though no worker could record why.
+INBOUND_DELIVERY_LIMIT = 20
+# First and largest wait (seconds) between attempts to reach a broker that is down.
+CONNECT_BACKOFF_FIRST = 0.5
+CONNECT_BACKOFF_MAX = 15.0
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not take a message: not connected, nacked, unroutable or timed out."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every name a deployment declares, all under its namespace."""
+
+    namespace: str
+
+    @property
+    def broadcast_exchange(self) -> str:
+        return f"{self.namespace}.broadcast"
+
+    def instance_queue(self, instance_id: str) -> str:
+        return f"{self.namespace}.instance.{instance_id}"
+
+    @property
+    def inbound_queue(self) -> str:
+        return f"{self.namespace}.inbound"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.namespace}.inbound.dead"
+
+    def retry_queue(self, delay_seconds: int) -> str:
+        return f"{self.namespace}.inbound.retry.{delay_seconds}s"
+
+    def all_queue_names(self, instance_ids: list[str] = ()) -> list[str]:
+        names = [self.inbound_queue, self.dead_queue]
+        names += [self.retry_queue(delay) for delay in settings.RT_INBOUND_RETRY_DELAYS]
+        names += [self.instance_queue(i) for i in instance_ids]
+        return names
+
+
+def current_topology() -> Topology:
+    return Topology(settings.RT_NAMESPACE)
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body)
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    value = orjson.loads(body)
+    if not isinstance(value, dict):
+        raise ValueError("broker message is not a JSON object")
+    return value
+
+
+def json_message(body: dict[str, Any], *, message_id: str, persistent: bool = True) -> aio_pika.Message:
+    return aio_pika.Message(
+        encode(body),
+        content_type="application/json",
+        message_id=message_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        if persistent
+        else aio_pika.DeliveryMode.NOT_PERSISTENT,
+    )
+
+
+async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection:
+    """Connect, retrying with capped, jittered backoff until the broker answers (or `stop`)."""
+    delay = CONNECT_BACKOFF_FIRST
+    while True:
+        try:
+            return await aio_pika.connect_robust(
+                settings.AMQP_URL,
+                heartbeat=settings.RT_AMQP_HEARTBEAT,
+                client_properties={"connection_name": settings.RT_INSTANCE_ID},
+                timeout=10,
+            )
+        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            logger.warning(
+                "cannot reach RabbitMQ at %s (%s: %s); retrying in %.1fs",
+                redacted_url(settings.AMQP_URL),
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+        if stop is not None:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+                raise asyncio.CancelledError("stopped while connecting")
+            except TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(delay)
+        delay = min(CONNECT_BACKOFF_MAX, delay * 2) * random.uniform(0.8, 1.2)
+
+
+def redacted_url(url: str) -> str:
+    """The AMQP URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+async def declare_broadcast(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    return await channel.declare_exchange(
+        topology.broadcast_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+
+
+async def declare_instance_queue(
+    channel: AbstractChannel, topology: Topology, instance_id: str
+) -> AbstractQueue:
+    """The instance's own queue: durable so it outlives a broker restart, expiring after its instance."""
+    exchange = await declare_broadcast(channel, topology)
+    queue = await channel.declare_queue(
+        topology.instance_queue(instance_id),
+        durable=True,
+        arguments={"x-expires": settings.RT_INSTANCE_QUEUE_EXPIRES_MS},
+    )
+    await queue.bind(exchange)
+    return queue
+
+
+async def declare_inbound(channel: AbstractChannel, topology: Topology) -> AbstractQueue:
+    """The inbound work queue, its retry delay queues and its dead-letter queue."""
+    await channel.declare_queue(topology.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    inbound = await channel.declare_queue(
+        topology.inbound_queue,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": INBOUND_DELIVERY_LIMIT,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topology.dead_queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+    for delay in settings.RT_INBOUND_RETRY_DELAYS:
+        # A frame waits here for its back-off, then the broker dead-letters it back to inbound.
+        await channel.declare_queue(
+            topology.retry_queue(delay),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": topology.inbound_queue,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+    return inbound
+
+
+async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
+    await declare_broadcast(channel, topology)
+    await declare_inbound(channel, topology)
+
+
+async def publish(
+    exchange: AbstractExchange,
+    body: dict[str, Any],
+    *,
+    message_id: str,
+    routing_key: str = "",
+    mandatory: bool = False,
+    timeout: float | None = None,
+) -> None:
+    """Publish persistent JSON and wait for the broker's confirm, or raise BrokerUnavailable."""
+    timeout = settings.RT_PUBLISH_TIMEOUT if timeout is None else timeout
+    message = json_message(body, message_id=message_id)
+    try:
+        await asyncio.wait_for(
+            exchange.publish(message, routing_key=routing_key, mandatory=mandatory), timeout
+        )
+    except TimeoutError as exc:
+        raise BrokerUnavailable(f"no confirm from the broker within {timeout:.1f}s") from exc
+    except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc

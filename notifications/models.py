@@ -1,0 +1,153 @@
+"""The delivery log: messages, their deliveries, inbound frames, and topic restrictions."""
+
+import uuid
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import models
+
+
+class Message(models.Model):
+    """A message published to sockets, whoever published it (API or worker)."""
+
+    class Status(models.TextChoices):
+        ACCEPTED = "accepted", "accepted (stored, not yet confirmed by the broker)"
+        PUBLISHED = "published", "published (confirmed by the broker)"
+        FAILED = "failed", "failed (never reached the broker)"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    topic = models.CharField(max_length=200, blank=True, null=True, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="received_messages",
+        help_text="Addressee of a user message.",
+    )
+    broadcast = models.BooleanField(default=False)
+    event = models.CharField(max_length=100, blank=True, default="")
+    payload = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACCEPTED, db_index=True)
+    publisher = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="published_messages",
+    )
+    origin_instance = models.CharField(max_length=200, blank=True, default="")
+    source_inbound = models.ForeignKey(
+        "InboundFrame",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="replies",
+        help_text="The inbound frame whose handler produced this message.",
+    )
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.target_label} {self.event or '-'} ({self.id})"
+
+    @property
+    def target_label(self) -> str:
+        if self.broadcast:
+            return "broadcast"
+        if self.topic:
+            return f"topic:{self.topic}"
+        return f"user:{self.user_id}"
+
+
+class Delivery(models.Model):
+    """One message handed to one socket on one web instance."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    connection = models.CharField(max_length=64, db_index=True)
+    instance = models.CharField(max_length=200, db_index=True)
+    delivered_at = models.DateTimeField(db_index=True)
+    acked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-delivered_at"]
+        verbose_name_plural = "deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["message", "connection"], name="one_delivery_per_socket")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} -> {self.connection}@{self.instance}"
+
+
+class Topic(models.Model):
+    """An admin's restriction on a topic: with groups, only their members and staff may subscribe."""
+
+    name = models.CharField(max_length=200, unique=True)
+    description = models.CharField(max_length=300, blank=True, default="")
+    groups = models.ManyToManyField(
+        Group,
+        blank=True,
+        help_text="When empty the topic is open to every signed-in user.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class InboundFrame(models.Model):
+    """A frame a socket sent to the backend, and what the workers made of it."""
+
+    class Status(models.TextChoices):
+        ACCEPTED = "accepted", "accepted (queued)"
+        PROCESSED = "processed", "processed"
+        FAILED = "failed", "failed (will be retried)"
+        DEAD = "dead", "dead (will not be retried)"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="inbound_frames"
+    )
+    ref = models.CharField(max_length=100, blank=True, default="")
+    event = models.CharField(max_length=100, db_index=True)
+    payload = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACCEPTED, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    connection = models.CharField(max_length=64, blank=True, default="")
+    instance = models.CharField(max_length=200, blank=True, default="")
+    processed_by = models.CharField(max_length=200, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    accepted_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-accepted_at"]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.id} ({self.status})"
+
+
+class IdempotencyKey(models.Model):
+    """An accepted publish request's key, so a retry answers with the same message."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64)
+    message = models.ForeignKey(Message, null=True, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "key"], name="one_idempotency_key")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}:{self.key}"

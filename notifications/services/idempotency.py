@@ -1,0 +1,73 @@
+"""`Idempotency-Key` for publishing: a retry answers with the first request's message."""
+
+import datetime
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from notifications.models import IdempotencyKey, Message
+
+# How long a key is remembered, and how long a request may stay "in flight" before its key is
+# taken as abandoned (its process died between storing the key and answering).
+KEY_LIFETIME = datetime.timedelta(hours=24)
+IN_FLIGHT_LIMIT = datetime.timedelta(seconds=60)
+MAX_KEY_LENGTH = 255
+
+
+class KeyInFlight(Exception):
+    """Another request with this key has not finished yet (409)."""
+
+
+class KeyReused(Exception):
+    """This key was used with a different body (422)."""
+
+
+@dataclass
+class Claim:
+    """A claimed key: either ours to use (`record`), or a finished replay (`replay`)."""
+
+    record: IdempotencyKey | None = None
+    replay: Message | None = None
+
+
+def request_hash(body: Any) -> str:
+    """Hash of the body as a JSON value: key order and whitespace do not matter."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def claim(user: AbstractBaseUser, key: str, body: Any) -> Claim:
+    digest = request_hash(body)
+    now = timezone.now()
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                return Claim(record=IdempotencyKey.objects.create(user=user, key=key, request_hash=digest))
+        except IntegrityError:
+            existing = IdempotencyKey.objects.filter(user=user, key=key).select_related("message").first()
+            if existing is None:
+                continue  # released meanwhile: try again
+            expired = existing.created_at < now - KEY_LIFETIME
+            abandoned = existing.message_id is None and existing.created_at < now - IN_FLIGHT_LIMIT
+            if expired or abandoned:
+                IdempotencyKey.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
+                continue
+            if existing.request_hash != digest:
+                raise KeyReused() from None
+            if existing.message_id is None:
+                raise KeyInFlight() from None
+            return Claim(replay=existing.message)
+    raise KeyInFlight()
+
+
+def complete(record: IdempotencyKey, message: Message) -> None:
+    IdempotencyKey.objects.filter(pk=record.pk).update(message=message)
+
+
+def release(record: IdempotencyKey) -> None:
+    """Forget a key whose request was not accepted, so the client may retry with it."""
+    IdempotencyKey.objects.filter(pk=record.pk, message__isnull=True).delete()

@@ -1,0 +1,90 @@
+"""Publishing messages to sockets: store the record, publish it confirmed, record the outcome."""
+
+import logging
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import AbstractBaseUser
+from django.utils import timezone
+
+from notifications import metrics
+from notifications.broker import BrokerUnavailable
+from notifications.models import InboundFrame, Message
+
+logger = logging.getLogger(__name__)
+
+
+def create_message(
+    *,
+    topic: str | None = None,
+    user: AbstractBaseUser | None = None,
+    user_id: int | None = None,
+    broadcast: bool = False,
+    event: str = "",
+    payload: Any = None,
+    publisher: AbstractBaseUser | None = None,
+    source_inbound: InboundFrame | None = None,
+    origin_instance: str = "",
+) -> Message:
+    """Store a message as `accepted`: the record exists before anything reaches the broker."""
+    return Message.objects.create(
+        topic=topic or None,
+        user=user,
+        **({"user_id": user_id} if user is None and user_id is not None else {}),
+        broadcast=broadcast,
+        event=event or "",
+        payload=payload,
+        publisher=publisher,
+        source_inbound=source_inbound,
+        origin_instance=origin_instance,
+    )
+
+
+def broker_body(message: Message) -> dict[str, Any]:
+    """The message as it travels on `<ns>.broadcast` (JSON; every instance decodes it once)."""
+    return {
+        "id": str(message.id),
+        "topic": message.topic,
+        "user_id": message.user_id,
+        "broadcast": message.broadcast,
+        "event": message.event,
+        "payload": message.payload,
+        "published_at": message.published_at.isoformat().replace("+00:00", "Z")
+        if message.published_at
+        else None,
+    }
+
+
+def mark_published(message: Message) -> None:
+    Message.objects.filter(id=message.id).update(
+        status=Message.Status.PUBLISHED, published_at=message.published_at, error=""
+    )
+    message.status = Message.Status.PUBLISHED
+
+
+def mark_failed(message: Message, error: str) -> None:
+    Message.objects.filter(id=message.id).exclude(status=Message.Status.PUBLISHED).update(
+        status=Message.Status.FAILED, error=error[:2000]
+    )
+    message.status = Message.Status.FAILED
+    message.error = error
+
+
+def publish_from_web(message: Message) -> Message:
+    """Publish through this web instance's bridge (from a request thread); raise BrokerUnavailable."""
+    from consumers_app.bridge import get_bridge
+
+    message.published_at = timezone.now()
+    started = time.perf_counter()
+    try:
+        async_to_sync(get_bridge().publish_broadcast)(broker_body(message), str(message.id))
+    except BrokerUnavailable as exc:
+        metrics.publish_failures.inc()
+        logger.warning("message %s not published: %s", message.id, exc)
+        mark_failed(message, f"broker unavailable: {exc}")
+        raise
+    metrics.publish_latency.observe(time.perf_counter() - started)
+    metrics.messages_published.inc()
+    mark_published(message)
+    return message

@@ -1,0 +1,234 @@
+"""Settings, all read from the environment (CONTRACT §1) with defaults for one machine."""
+
+import os
+import socket
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from exc
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from exc
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+DEBUG = env_bool("DJANGO_DEBUG")
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is required unless DJANGO_DEBUG=1 (refusing to start with a guessable key)"
+        )
+    SECRET_KEY = "dev-insecure-key-only-for-DJANGO_DEBUG=1"
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "notifications",
+    "consumers_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "realtime_project.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "realtime_project.asgi.application"
+WSGI_APPLICATION = "realtime_project.wsgi.application"
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several processes write one SQLite file: WAL lets readers run beside the writer, and
+    # IMMEDIATE transactions wait for the lock instead of failing half-way with "locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    if os.environ.get("RT_TEST_SQLITE_NAME"):
+        DATABASES["default"]["TEST"] = {"NAME": os.environ["RT_TEST_SQLITE_NAME"]}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves straight from the app folders, so one daphne command is a complete
+# web instance (no collectstatic step), with DJANGO_DEBUG=0 too.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Token first: a request without credentials gets 401 with WWW-Authenticate.
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "notifications.api.errors.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": os.environ.get("RT_API_RATE", "100000/min")},
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Realtime messaging API",
+    "DESCRIPTION": "Publish to WebSockets on every web instance; read the delivery log.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Docs assets come from the installed sidecar package, not a CDN.
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+}
+
+# --- Realtime (CONTRACT §1) ---------------------------------------------------------------
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+RT_NAMESPACE = os.environ.get("RT_NAMESPACE", "rt")
+RT_INSTANCE_ID = os.environ.get("RT_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+RT_TICKET_TTL = env_int("RT_TICKET_TTL", 60)
+RT_MAX_FRAME_BYTES = env_int("RT_MAX_FRAME_BYTES", 65536)
+RT_MAX_PAYLOAD_BYTES = env_int("RT_MAX_PAYLOAD_BYTES", 65536)
+RT_SOCKET_RATE = env_float("RT_SOCKET_RATE", 50.0)
+RT_DIAGNOSTICS = env_bool("RT_DIAGNOSTICS")
+# Seconds a broker publish may wait for its confirm before the caller gets "unavailable".
+RT_PUBLISH_TIMEOUT = env_float("RT_PUBLISH_TIMEOUT", 5.0)
+# AMQP heartbeat: short, so a dead broker is noticed in seconds rather than minutes.
+RT_AMQP_HEARTBEAT = env_int("RT_AMQP_HEARTBEAT", 10)
+# Milliseconds an instance queue outlives its last consumer (x-expires).
+RT_INSTANCE_QUEUE_EXPIRES_MS = env_int("RT_INSTANCE_QUEUE_EXPIRES_MS", 300_000)
+# Frames one socket may have waiting to be written before it is closed as a slow reader.
+RT_SOCKET_QUEUE = env_int("RT_SOCKET_QUEUE", 1000)
+# How often (seconds) and how many rows at most the delivery log writes in one batch.
+RT_DELIVERY_LOG_INTERVAL = env_float("RT_DELIVERY_LOG_INTERVAL", 0.25)
+RT_DELIVERY_LOG_BATCH = env_int("RT_DELIVERY_LOG_BATCH", 5000)
+RT_DELIVERY_LOG_ENABLED = env_bool("RT_DELIVERY_LOG", True)
+# Seconds a web instance takes to close its sockets and flush its log on SIGTERM.
+RT_DRAIN_SECONDS = env_float("RT_DRAIN_SECONDS", 10.0)
+
+RT_INBOUND_HANDLERS = {
+    "echo": "consumers_app.handlers.echo.EchoHandler",
+    "chat.message": "consumers_app.handlers.chat.ChatMessageHandler",
+}
+if RT_DIAGNOSTICS:
+    RT_INBOUND_HANDLERS |= {
+        "diag.fail": "consumers_app.handlers.diagnostics.FailHandler",
+        "diag.sleep": "consumers_app.handlers.diagnostics.SleepHandler",
+    }
+# Attempts before an inbound frame is dead-lettered, and the waits between them (seconds).
+RT_INBOUND_MAX_ATTEMPTS = env_int("RT_INBOUND_MAX_ATTEMPTS", 5)
+RT_INBOUND_RETRY_DELAYS = [1, 2, 4, 8]
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {
+            "format": f"%(asctime)s %(levelname)s [{RT_INSTANCE_ID}] %(name)s: %(message)s",
+        }
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("RT_LOG_LEVEL", "INFO")},
+    "loggers": {
+        "aiormq": {"level": "WARNING"},
+        "aio_pika": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+        "django.channels.server": {"level": "WARNING"},
+    },
+}
