@@ -98,6 +98,8 @@ class InstanceBridge:
 
     def _on_connection_lost(self, *args: Any) -> None:
         metrics.broker_connected.set(0)
+        if self._stop.is_set():
+            return
         logger.warning("lost the RabbitMQ connection; reconnecting (sockets stay open)")
 
     def _on_reconnected(self, *args: Any) -> None:

@@ -146,6 +146,7 @@ class Cluster:
             {
                 "DJANGO_SETTINGS_MODULE": "realtime_project.settings",
                 "DJANGO_DEBUG": "1",
+                "DJANGO_SECRET_KEY": settings.SECRET_KEY,
                 "DATABASE_URL": self.database_url,
                 "AMQP_URL": settings.AMQP_URL,
                 "RT_NAMESPACE": self.namespace,
