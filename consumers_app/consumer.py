@@ -11,10 +11,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
+from consumers_app import lifecycle
 from consumers_app.bridge import InstanceBridge, ensure_bridge
 from consumers_app.handlers.base import InvalidPayload
 from consumers_app.handlers.registry import get_handler
 from consumers_app.ratelimit import TokenBucket
+from consumers_app.transport import close_with_code, daphne_protocol, unsent_bytes
 from notifications import metrics
 from notifications.broker import BrokerUnavailable
 from notifications.services import inbound as inbound_service
@@ -41,7 +43,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
+        if user is None or not user.is_authenticated or lifecycle.draining:
             await self.close()  # before accept: Daphne refuses the handshake with 403
             return
         self.user_id = user.pk
@@ -60,6 +62,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 "user": self.username,
             }
         )
+        self.protocol = daphne_protocol(self.base_send)
         self.writer = asyncio.get_running_loop().create_task(self._write_loop())
         self.bridge.register(self)
 
@@ -81,11 +84,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
-            logger.warning(
-                "closing %s: slow reader, %d frames waiting", self.connection_id, self.outbox.qsize()
-            )
-            self.closing = True
-            asyncio.get_running_loop().create_task(self.close(code=CLOSE_SLOW_READER))
+            self.close_slow_reader(f"{self.outbox.qsize()} frames waiting")
             return False
         return True
 
@@ -93,9 +92,30 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.deliver(orjson.dumps(frame).decode(), "")
 
     async def _write_loop(self) -> None:
+        limit = settings.RT_SOCKET_MAX_BUFFER_BYTES
         while True:
             frame = await self.outbox.get()
             await self.send(text_data=frame)
+            if self.protocol is not None and unsent_bytes(self.protocol) > limit:
+                self.close_slow_reader(f"{unsent_bytes(self.protocol)} bytes unread")
+                return
+
+    def close_slow_reader(self, why: str) -> None:
+        """A client that does not read is closed, not buffered for: memory stays bounded."""
+        if self.closing:
+            return
+        logger.warning("closing %s (user %s): slow reader, %s", self.connection_id, self.username, why)
+        metrics.slow_readers_closed.inc()
+        self.closing = True
+        asyncio.get_running_loop().create_task(self.close_with(CLOSE_SLOW_READER, "too slow: reconnect"))
+
+    async def close_with(self, code: int, reason: str) -> None:
+        """Close with a standard code (Daphne alone would refuse 1001 and 1013)."""
+        self.closing = True
+        if self.protocol is not None:
+            close_with_code(self.protocol, code, reason)
+        else:
+            await self.close(code=code, reason=reason)
 
     def error(self, code: str, detail: str, ref: Any = None) -> None:
         self.push({"type": "error", "code": code, "detail": detail, "ref": ref})

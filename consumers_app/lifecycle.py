@@ -7,7 +7,6 @@ the broker connection, then stop Daphne; all within RT_DRAIN_SECONDS.
 
 import asyncio
 import logging
-import signal
 
 from django.conf import settings
 
@@ -16,16 +15,23 @@ from consumers_app.bridge import get_bridge
 logger = logging.getLogger(__name__)
 
 CLOSE_GOING_AWAY = 1001
+# How long the drain waits for clients to complete the close handshake.
+CLOSE_HANDSHAKE_SECONDS = 3.0
 draining = False
 
 
 def install_drain_handler(loop: asyncio.AbstractEventLoop) -> None:
-    """Replace Twisted's SIGTERM handler (which stops at once) with a drain, once the loop runs."""
+    """Make Twisted's SIGTERM handler drain first (by default it stops the reactor at once).
 
-    def install() -> None:
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain_and_stop()))
+    Twisted installs `reactor.sigTerm` as the handler when the reactor starts, so replacing that
+    attribute before `daphne` runs the reactor puts the drain in its place.
+    """
+    from twisted.internet import reactor
 
-    loop.call_soon(install)
+    def on_sigterm(*args: object) -> None:
+        loop.call_soon_threadsafe(lambda: loop.create_task(drain_and_stop()))
+
+    reactor.sigTerm = on_sigterm
 
 
 async def drain_and_stop() -> None:
@@ -51,12 +57,15 @@ async def drain() -> None:
         "draining: closing %d sockets with %d, flushing the delivery log", len(sockets), CLOSE_GOING_AWAY
     )
     for socket in sockets:
-        socket.closing = True
         try:
-            await socket.close(code=CLOSE_GOING_AWAY)
+            await socket.close_with(CLOSE_GOING_AWAY, "server draining: reconnect")
         except Exception:
-            logger.debug("socket %s was already gone", socket.connection_id)
-    # Let Daphne write the close frames before the log and connection go.
-    await asyncio.sleep(0.2)
+            logger.warning("closing %s failed", socket.connection_id, exc_info=True)
+    # Wait for the clients to answer the close (their disconnects empty the registry), so each
+    # sees a clean 1001 rather than a dropped connection; a client that does not answer is cut.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLOSE_HANDSHAKE_SECONDS
+    while bridge.registry.sockets and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     await bridge.stop()
     logger.info("drained")

@@ -46,3 +46,6 @@ inbound_dead = Counter("rt_inbound_dead", "Inbound frames dead-lettered", ["inst
 delivery_log_rows = Counter("rt_delivery_log_rows", "Delivery log rows written", ["instance"]).labels(
     INSTANCE
 )
+slow_readers_closed = Counter(
+    "rt_slow_readers_closed", "Sockets closed because their client stopped reading", ["instance"]
+).labels(INSTANCE)

@@ -195,6 +195,8 @@ RT_AMQP_HEARTBEAT = env_int("RT_AMQP_HEARTBEAT", 10)
 RT_INSTANCE_QUEUE_EXPIRES_MS = env_int("RT_INSTANCE_QUEUE_EXPIRES_MS", 300_000)
 # Frames one socket may have waiting to be written before it is closed as a slow reader.
 RT_SOCKET_QUEUE = env_int("RT_SOCKET_QUEUE", 1000)
+# Bytes written to a socket but not yet read by its client before it is closed as a slow reader.
+RT_SOCKET_MAX_BUFFER_BYTES = env_int("RT_SOCKET_MAX_BUFFER_BYTES", 1024 * 1024)
 # How often (seconds) and how many rows at most the delivery log writes in one batch.
 RT_DELIVERY_LOG_INTERVAL = env_float("RT_DELIVERY_LOG_INTERVAL", 0.25)
 RT_DELIVERY_LOG_BATCH = env_int("RT_DELIVERY_LOG_BATCH", 5000)

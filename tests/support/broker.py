@@ -13,9 +13,9 @@ def new_namespace() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
 
 
-async def queue_stats(name: str) -> tuple[int, int] | None:
+async def queue_stats(name: str, url: str | None = None) -> tuple[int, int] | None:
     """(messages, consumers) of a queue, or None if it does not exist."""
-    connection = await aio_pika.connect(settings.AMQP_URL)
+    connection = await aio_pika.connect(url or settings.AMQP_URL)
     try:
         channel = await connection.channel()
         try:

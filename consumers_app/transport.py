@@ -1,0 +1,39 @@
+"""The server's side of a socket, where Daphne lets us reach it.
+
+Daphne's ASGI `send` is `partial(server.handle_reply, protocol)` (wrapped by Channels' session
+middleware), so its WebSocket protocol and Twisted transport are reachable. Two things need them:
+- backpressure: Daphne buffers whatever is sent, without limit, for a client that stops reading;
+  the transport's write buffer tells how much is waiting;
+- close codes: Daphne (through Autobahn) only lets applications close with 1000 or 3000-4999,
+  but 1001 "going away" and 1013 "try again later" are the codes clients act on.
+Under another server, or WebsocketCommunicator in tests, neither is reachable and the consumer
+falls back to plain ASGI (no backlog check; the close code passed through as is).
+"""
+
+from typing import Any
+
+
+def daphne_protocol(send: Any) -> Any | None:
+    """Daphne's WebSocketProtocol behind an ASGI `send` callable, or None."""
+    for _ in range(5):
+        wrapper = getattr(send, "__self__", None)
+        inner = getattr(wrapper, "real_send", None)
+        if inner is None:
+            break
+        send = inner
+    args = getattr(send, "args", ())
+    protocol = args[0] if args else None
+    return protocol if hasattr(protocol, "sendCloseFrame") else None
+
+
+def unsent_bytes(protocol: Any) -> int:
+    """Bytes written to the socket that its client has not yet taken."""
+    transport = getattr(protocol, "transport", None)
+    if transport is None or not hasattr(transport, "dataBuffer"):
+        return 0
+    return len(transport.dataBuffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def close_with_code(protocol: Any, code: int, reason: str) -> None:
+    """Start the closing handshake with any RFC 6455 code (Autobahn drops the peer if it never answers)."""
+    protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
