@@ -158,12 +158,12 @@ class InstanceBridge:
                 "payload": body.get("payload"),
                 "published_at": body.get("published_at"),
             }
-        ).decode()
+        )
         now = timezone.now()
         delivered = 0
         for socket in self.registry.targets(body):
             try:
-                ok = socket.deliver(frame, body["id"])
+                ok = socket.deliver(frame)
             except Exception:
                 logger.exception("delivery to %s failed", getattr(socket, "connection_id", "?"))
                 ok = False

@@ -50,10 +50,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.username = user.get_username()
         self.connection_id = f"c-{uuid.uuid4().hex[:16]}"
         self.rate = TokenBucket(settings.RT_SOCKET_RATE)
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=settings.RT_SOCKET_QUEUE)
         self.closing = False
         self.bridge = ensure_bridge()
         await self.accept()
+        # Under Daphne, frames go straight to its protocol (encoded once per message by the
+        # bridge); elsewhere through ASGI `send`, from a bounded queue drained by a writer task.
+        self.protocol = daphne_protocol(self.base_send)
+        self.buffer_limit = settings.RT_SOCKET_MAX_BUFFER_BYTES
+        self.outbox: asyncio.Queue[bytes] | None = None
+        if self.protocol is None:
+            self.outbox = asyncio.Queue(maxsize=settings.RT_SOCKET_QUEUE)
+            self.writer = asyncio.get_running_loop().create_task(self._write_loop())
         self.push(
             {
                 "type": "welcome",
@@ -62,8 +69,6 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 "user": self.username,
             }
         )
-        self.protocol = daphne_protocol(self.base_send)
-        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
         self.bridge.register(self)
 
     async def disconnect(self, code: int) -> None:
@@ -77,10 +82,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     # --- outbound ----------------------------------------------------------------------
 
-    def deliver(self, frame: str, message_id: str) -> bool:
-        """Queue a message frame for this socket (called by the bridge, never blocks)."""
+    def deliver(self, frame: bytes) -> bool:
+        """Hand one encoded frame to this socket now (called by the bridge; never blocks)."""
         if self.closing:
             return False
+        protocol = self.protocol
+        if protocol is not None:
+            if protocol.state != protocol.STATE_OPEN:
+                return False
+            protocol.sendMessage(frame, False)
+            if unsent_bytes(protocol) > self.buffer_limit:
+                self.close_slow_reader(f"{unsent_bytes(protocol)} bytes unread")
+            return True
         try:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
@@ -89,16 +102,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         return True
 
     def push(self, frame: dict[str, Any]) -> None:
-        self.deliver(orjson.dumps(frame).decode(), "")
+        self.deliver(orjson.dumps(frame))
 
     async def _write_loop(self) -> None:
-        limit = settings.RT_SOCKET_MAX_BUFFER_BYTES
         while True:
             frame = await self.outbox.get()
-            await self.send(text_data=frame)
-            if self.protocol is not None and unsent_bytes(self.protocol) > limit:
-                self.close_slow_reader(f"{unsent_bytes(self.protocol)} bytes unread")
-                return
+            await self.send(text_data=frame.decode())
 
     def close_slow_reader(self, why: str) -> None:
         """A client that does not read is closed, not buffered for: memory stays bounded."""

@@ -9,7 +9,7 @@ class Socket(Protocol):
     connection_id: str
     user_id: int
 
-    def deliver(self, frame: str, message_id: str) -> bool: ...
+    def deliver(self, frame: bytes) -> bool: ...
 
 
 class SocketRegistry:
