@@ -87,7 +87,8 @@ class MessageCreateView(APIView):
             except idempotency.KeyReused:
                 raise Unprocessable("This Idempotency-Key was used with a different body.") from None
             if claim.replay is not None:
-                return self._accepted(claim.replay.pk)
+                replay = selectors.visible_messages(request.user).get(pk=claim.replay.pk)
+                return self._accepted(replay)
 
         data = serializer.validated_data
         try:
@@ -112,10 +113,9 @@ class MessageCreateView(APIView):
             raise
         if claim is not None:
             idempotency.complete(claim.record, message)
-        return self._accepted(message.pk)
+        return self._accepted(message)
 
-    def _accepted(self, message_id) -> Response:
-        message = selectors.visible_messages(self.request.user).get(pk=message_id)
+    def _accepted(self, message: Message) -> Response:
         return Response(MessageSerializer(message).data, status=status.HTTP_202_ACCEPTED)
 
 

@@ -1,10 +1,14 @@
-"""Writes of the delivery log (called in batches by the log writer, never per delivery)."""
+"""Writes of the delivery log (called in batches by the log writer, never per delivery).
+
+On PostgreSQL a batch is one COPY and one UPDATE, whatever its size; elsewhere a bulk insert
+and an update per ack. Either way the fan-out never waits for them.
+"""
 
 import datetime
 import logging
 import uuid
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from notifications.models import Delivery, Message
 
@@ -13,40 +17,67 @@ logger = logging.getLogger(__name__)
 DeliveryRow = tuple[uuid.UUID, int | None, str, str, datetime.datetime]
 AckRow = tuple[uuid.UUID, str, datetime.datetime]
 
+COLUMNS = ("message_id", "user_id", "connection", "instance", "delivered_at")
+
 
 def write_delivery_log(deliveries: list[DeliveryRow], acks: list[AckRow]) -> None:
     """Insert deliveries, then apply acks (so an ack in the same batch finds its row)."""
     if deliveries:
-        try:
-            with transaction.atomic():
-                _insert(deliveries)
-        except IntegrityError:
-            # A message unknown to this database (published around the API): keep the rest.
-            known = set(
-                Message.objects.filter(id__in={row[0] for row in deliveries}).values_list("id", flat=True)
-            )
-            dropped = [row for row in deliveries if row[0] not in known]
-            logger.warning("delivery log: %d deliveries of unknown messages not recorded", len(dropped))
-            with transaction.atomic():
-                _insert([row for row in deliveries if row[0] in known])
-    for message_id, connection, acked_at in acks:
-        Delivery.objects.filter(message_id=message_id, connection=connection, acked_at__isnull=True).update(
-            acked_at=acked_at
-        )
+        _insert_deliveries(deliveries)
+    if acks:
+        _apply_acks(acks)
 
 
-def _insert(rows: list[DeliveryRow]) -> None:
+def _insert_deliveries(rows: list[DeliveryRow]) -> None:
+    try:
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                _copy(rows)
+            else:
+                _bulk_create(rows)
+        return
+    except IntegrityError:
+        pass
+    # A row already logged (a replayed batch) or a message this database does not know (published
+    # around the API): keep every row that can be kept.
+    known = set(Message.objects.filter(id__in={row[0] for row in rows}).values_list("id", flat=True))
+    unknown = [row for row in rows if row[0] not in known]
+    if unknown:
+        logger.warning("delivery log: %d deliveries of unknown messages not recorded", len(unknown))
+    with transaction.atomic():
+        _bulk_create([row for row in rows if row[0] in known])
+
+
+def _copy(rows: list[DeliveryRow]) -> None:
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    with connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+def _bulk_create(rows: list[DeliveryRow]) -> None:
     Delivery.objects.bulk_create(
-        [
-            Delivery(
-                message_id=message_id,
-                user_id=user_id,
-                connection=connection,
-                instance=instance,
-                delivered_at=delivered_at,
-            )
-            for message_id, user_id, connection, instance, delivered_at in rows
-        ],
+        [Delivery(**dict(zip(COLUMNS, row, strict=True))) for row in rows],
         batch_size=1000,
         ignore_conflicts=True,
     )
+
+
+def _apply_acks(acks: list[AckRow]) -> None:
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(Delivery._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"""
+                UPDATE {table} AS d SET acked_at = a.acked_at
+                FROM unnest(%s::uuid[], %s::text[], %s::timestamptz[]) AS a(message_id, connection, acked_at)
+                WHERE d.message_id = a.message_id AND d.connection = a.connection AND d.acked_at IS NULL
+                """,
+                [[a[0] for a in acks], [a[1] for a in acks], [a[2] for a in acks]],
+            )
+        return
+    for message_id, connection_id, acked_at in acks:
+        Delivery.objects.filter(
+            message_id=message_id, connection=connection_id, acked_at__isnull=True
+        ).update(acked_at=acked_at)
