@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobu
 from django.conf import settings
 from django.utils import timezone
 
+from consumers_app.inbound_recorder import InboundRecorder
 from consumers_app.registry import Socket, SocketRegistry
 from notifications import broker, metrics
 from notifications.broker import BrokerUnavailable
@@ -39,6 +40,7 @@ class InstanceBridge:
         self.topology = broker.current_topology()
         self.registry = SocketRegistry()
         self.log = DeliveryLogWriter(self.instance_id)
+        self.inbound = InboundRecorder()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connection: AbstractRobustConnection | None = None
         self._broadcast: AbstractExchange | None = None

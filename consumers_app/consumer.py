@@ -9,6 +9,7 @@ import orjson
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from consumers_app import lifecycle
@@ -207,7 +208,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             handler.validate(payload)
         except InvalidPayload as exc:
             raise FrameError("invalid", str(exc)) from None
-        record = await database_sync_to_async(inbound_service.record_inbound)(
+        record = inbound_service.new_inbound(
             user_id=self.user_id,
             event=event,
             payload=payload,
@@ -215,6 +216,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             connection=self.connection_id,
             instance=self.bridge.instance_id,
         )
+        try:
+            await self.bridge.inbound.record(record)
+        except DatabaseError:
+            raise FrameError(
+                "unavailable", "the database is unavailable; nothing was queued, retry later"
+            ) from None
         try:
             await self.bridge.publish_inbound(inbound_service.queue_body(record), str(record.id))
         except BrokerUnavailable as exc:

@@ -2,17 +2,32 @@
 
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from notifications.models import InboundFrame
 
 
-def record_inbound(
+def new_inbound(
     *, user_id: int, event: str, payload: Any, ref: str, connection: str, instance: str
 ) -> InboundFrame:
-    return InboundFrame.objects.create(
+    """An inbound frame's record, not yet saved (its id is known before it is stored)."""
+    return InboundFrame(
         user_id=user_id, event=event, payload=payload, ref=ref, connection=connection, instance=instance
     )
+
+
+def record_inbound(**fields: Any) -> InboundFrame:
+    """Store one frame's record at once (scripts, tests; sockets use batches)."""
+    frame = new_inbound(**fields)
+    frame.save(force_insert=True)
+    return frame
+
+
+def record_inbound_batch(frames: list[InboundFrame]) -> None:
+    """Store the records of many frames in one insert and one commit."""
+    with transaction.atomic():
+        InboundFrame.objects.bulk_create(frames)
 
 
 def queue_body(frame: InboundFrame) -> dict[str, Any]:
