@@ -12,7 +12,6 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
@@ -141,14 +140,14 @@ class InstanceBridge:
             parsed_id = uuid.UUID(message_id)
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
             logger.error("dropping a malformed message from %s: %s", self.topology.broadcast_exchange, exc)
-            await _settle(message.reject(requeue=False))
+            await broker.settle(message.reject(requeue=False), "a broadcast message")
             return
         metrics.messages_received.inc()
         if self._seen(message_id):
             metrics.messages_duplicate.inc()
         else:
             self.dispatch(body, parsed_id)
-        await _settle(message.ack())
+        await broker.settle(message.ack(), "a broadcast message")
 
     def dispatch(self, body: dict[str, Any], message_id: uuid.UUID) -> int:
         frame = orjson.dumps(
@@ -203,18 +202,6 @@ class InstanceBridge:
             routing_key=self.topology.inbound_queue,
             mandatory=True,
         )
-
-
-async def _settle(operation: Any) -> None:
-    """Ack or reject, tolerating a channel that died meanwhile (the broker redelivers anyway)."""
-    try:
-        await operation
-    except (
-        aio_pika.exceptions.ChannelInvalidStateError,
-        aio_pika.exceptions.AMQPError,
-        ConnectionError,
-    ) as exc:
-        logger.info("could not settle a broadcast message (%s); it will be redelivered", exc)
 
 
 _bridge: InstanceBridge | None = None

@@ -8,6 +8,7 @@ hand: the robust connection re-declares what was declared on it.
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,3 +210,15 @@ async def publish(
         raise BrokerUnavailable(f"no confirm from the broker within {timeout:.1f}s") from exc
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def settle(operation: Awaitable[Any], what: str) -> None:
+    """Ack or reject, tolerating a channel that died meanwhile (the broker redelivers anyway)."""
+    try:
+        await operation
+    except (
+        aio_pika.exceptions.ChannelInvalidStateError,
+        aio_pika.exceptions.AMQPError,
+        ConnectionError,
+    ) as exc:
+        logger.info("could not settle %s (%s); the broker will redeliver it", what, exc)
