@@ -113,7 +113,16 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("RT_DB_POOL", True):
+    # Requests run on short-lived threads under ASGI, so per-thread persistent connections
+    # leak; psycopg's pool shares a bounded set of connections across all threads instead.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("RT_DB_POOL_SIZE", 10),
+        "timeout": 10,
+    }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes write one SQLite file: WAL lets readers run beside the writer, and
     # IMMEDIATE transactions wait for the lock instead of failing half-way with "locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(
