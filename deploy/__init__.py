@@ -1,0 +1,1 @@
+"""Deployment helpers: the local nginx balancer config (nginx.py) and the demo user (demo_user.py)."""
