@@ -1,0 +1,359 @@
+/*
+ * realtime.js: a small browser client for the /ws/ protocol (CONTRACT §4).
+ *
+ * No build step and no dependencies: load it with a plain <script> tag and use
+ * `new RealtimeClient(options)`. The client
+ *   - reconnects with exponential backoff and jitter (each wait is random in the upper half of
+ *     its ceiling), so a fleet of browsers does not come back in lockstep after an outage;
+ *   - answers close code 1001 (instance draining) with a quick reconnect and 1013 (slow reader)
+ *     with a backed-off one; 4001 and 4013 are taken to mean the same (Daphne's WebSocket
+ *     library only lets an application send 1000 or 3000-4999), and any other close reconnects
+ *     with the normal backoff;
+ *   - remembers its topics and subscribes them again on every new connection;
+ *   - queues frames sent while disconnected and flushes them, paced under the server's rate
+ *     limit, once connected again;
+ *   - sends pings and treats a silent socket as dead (half-open TCP connections never close);
+ *   - reports everything as DOM events: it is an EventTarget, and `on(type, fn)` is a shorthand.
+ *
+ * Events (each a CustomEvent; the data is in `event.detail`):
+ *   state        {state, previous, attempt, delay, code, reason}; state is one of
+ *                "idle", "connecting" (an attempt in flight), "open", "reconnecting"
+ *                (waiting `delay` ms before the next attempt), "closed" (by close())
+ *   welcome      the welcome frame {connection, instance, user}
+ *   message      a message frame {id, topic, event, payload, published_at}
+ *   subscribed / unsubscribed / receipt / pong   the server's frame of that type
+ *   servererror  an error frame {code, detail, ref} (the socket stays open)
+ *   subscriptionerror  {topic, code, detail}: a subscribe was refused; the topic is forgotten
+ *   frame        every frame the server sends, before the specific event
+ *   queue        {size, dropped} after the outgoing queue changes; `dropped` counts frames
+ *                discarded because the queue was full (the oldest go first)
+ */
+(function (global) {
+  "use strict";
+
+  const DEFAULTS = {
+    url: null, // full ws:// or wss:// URL; by default derived from the page's own location
+    path: "/ws/",
+    topics: [],
+    minDelay: 500, // ms, ceiling of the first reconnect wait (doubles per failed attempt)
+    maxDelay: 15000, // ms, the cap of the exponential backoff
+    factor: 2,
+    drainCodes: [1001, 4001], // the instance drains: go elsewhere (or to its successor) now
+    drainDelay: 250, // ms, upper bound of the jittered wait after a drain close
+    slowReaderCodes: [1013, 4013], // we read too slowly: back off before coming back
+    slowReaderDelay: 2000, // ms, lower bound of the wait after a slow-reader close
+    pingInterval: 25000, // ms between keep-alive pings; 0 turns them off
+    maxQueue: 500, // frames kept while disconnected; the oldest are dropped beyond it
+    flushBatch: 40, // frames flushed at once: the server allows bursts of twice its rate (50/s)
+    flushPause: 1000, // ms between flush batches
+    autoConnect: true,
+    WebSocket: null, // injectable for tests
+  };
+
+  function defaultUrl(path) {
+    const scheme = global.location.protocol === "https:" ? "wss:" : "ws:";
+    return scheme + "//" + global.location.host + path;
+  }
+
+  class RealtimeClient extends EventTarget {
+    constructor(options) {
+      super();
+      this.options = Object.assign({}, DEFAULTS, options || {});
+      this.url = this.options.url || defaultUrl(this.options.path);
+      this.state = "idle";
+      this.attempt = 0; // failed attempts since the last welcome
+      this.welcome = null;
+      this.topics = new Set(this.options.topics);
+      this.queue = [];
+      this.ws = null;
+      this._refCounter = 0;
+      this._pendingSubscribes = new Map(); // ref -> topic, to tell which subscribe an error answers
+      this._timer = null;
+      this._pingTimer = null;
+      this._flushTimer = null;
+      this._lastHeard = 0;
+      this._stopped = false;
+      this._onOnline = () => {
+        // The network came back: try now instead of waiting out the backoff.
+        if (this.state === "reconnecting") this._connectNow();
+      };
+      if (global.addEventListener) global.addEventListener("online", this._onOnline);
+      if (this.options.autoConnect) this.connect();
+    }
+
+    /** Subscribe to an event; returns a function that removes the listener. */
+    on(type, listener) {
+      const wrapped = (event) => listener(event.detail, event);
+      this.addEventListener(type, wrapped);
+      return () => this.removeEventListener(type, wrapped);
+    }
+
+    get connected() {
+      return this.state === "open";
+    }
+
+    get queued() {
+      return this.queue.length;
+    }
+
+    /** Open the socket (again, after close()). */
+    connect() {
+      this._stopped = false;
+      if (this.ws || this._timer) return;
+      this._connectNow();
+    }
+
+    /** Close for good: no reconnect until connect() is called again. */
+    close(code, reason) {
+      this._stopped = true;
+      this._clearTimers();
+      const ws = this.ws;
+      this.ws = null;
+      if (ws) {
+        this._detach(ws);
+        ws.close(code || 1000, reason || "client closed");
+      }
+      this._setState("closed", { code: code || 1000, reason: reason || "client closed" });
+    }
+
+    /** Remember the topic and subscribe now if connected (else on the next connection). */
+    subscribe(topic) {
+      this.topics.add(topic);
+      if (this.connected) this._subscribeNow(topic);
+    }
+
+    unsubscribe(topic) {
+      this.topics.delete(topic);
+      if (this.connected) this._sendNow({ type: "unsubscribe", topic: topic });
+    }
+
+    /**
+     * Send an inbound frame for the backend ({type: "send"}); returns its ref, which the
+     * server's `receipt` (or `servererror`) carries back. Queued while disconnected.
+     */
+    sendEvent(event, payload, ref) {
+      const frameRef = ref || this._newRef("r");
+      this.send({ type: "send", ref: frameRef, event: event, payload: payload });
+      return frameRef;
+    }
+
+    /** Send any frame; frames sent while disconnected are queued and flushed on reconnect. */
+    send(frame) {
+      if (this.connected && this.queue.length === 0) {
+        this._sendNow(frame);
+        return true;
+      }
+      this.queue.push(frame);
+      const dropped = this.queue.length > this.options.maxQueue ? this.queue.splice(0, 1).length : 0;
+      this._emit("queue", { size: this.queue.length, dropped: dropped });
+      return false;
+    }
+
+    /**
+     * Acknowledge a message. Acks belong to the connection that received the message, so
+     * they are sent now or not at all (never queued for another connection).
+     */
+    ack(id) {
+      if (!this.connected) return false;
+      this._sendNow({ type: "ack", id: id });
+      return true;
+    }
+
+    // --- internals -------------------------------------------------------------------
+
+    _newRef(prefix) {
+      return prefix + Date.now().toString(36) + "-" + ++this._refCounter;
+    }
+
+    _subscribeNow(topic) {
+      const ref = this._newRef("s");
+      this._pendingSubscribes.set(ref, topic);
+      this._sendNow({ type: "subscribe", topic: topic, ref: ref });
+    }
+
+    _connectNow() {
+      this._clearTimers();
+      if (this._stopped) return;
+      const Impl = this.options.WebSocket || global.WebSocket;
+      this._setState("connecting", { attempt: this.attempt });
+      let ws;
+      try {
+        ws = new Impl(this.url);
+      } catch (error) {
+        this._scheduleReconnect({ code: 0, reason: String(error) });
+        return;
+      }
+      this.ws = ws;
+      ws.onopen = () => this._opened(ws);
+      ws.onmessage = (event) => this._received(ws, event);
+      ws.onclose = (event) => this._closed(ws, event);
+      ws.onerror = () => {}; // always followed by close, which decides what to do
+    }
+
+    _detach(ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    }
+
+    _opened(ws) {
+      if (ws !== this.ws) return;
+      this._lastHeard = Date.now();
+      this._setState("open", { attempt: this.attempt });
+      this._pendingSubscribes.clear();
+      for (const topic of this.topics) this._subscribeNow(topic);
+      this._flush();
+      this._startPings();
+    }
+
+    _received(ws, event) {
+      if (ws !== this.ws) return;
+      this._lastHeard = Date.now();
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch (error) {
+        return; // the server only sends JSON; ignore anything else rather than fail
+      }
+      if (!frame || typeof frame !== "object") return;
+      this._emit("frame", frame);
+      switch (frame.type) {
+        case "welcome":
+          this.welcome = frame;
+          this.attempt = 0; // a welcome proves the path works: start the backoff afresh
+          this._emit("welcome", frame);
+          break;
+        case "message":
+          this._emit("message", frame);
+          break;
+        case "subscribed":
+          for (const [ref, topic] of this._pendingSubscribes) {
+            if (topic === frame.topic) this._pendingSubscribes.delete(ref);
+          }
+          this._emit("subscribed", frame);
+          break;
+        case "error":
+          this._emit("servererror", frame);
+          this._subscribeRefused(frame);
+          break;
+        default:
+          if (typeof frame.type === "string") this._emit(frame.type, frame);
+      }
+    }
+
+    _subscribeRefused(frame) {
+      const topic = this._pendingSubscribes.get(frame.ref);
+      if (topic === undefined) return;
+      this._pendingSubscribes.delete(frame.ref);
+      if (frame.code === "rate_limited") {
+        // Transient: ask again in a moment, on this connection if it still stands.
+        setTimeout(() => {
+          if (this.connected && this.topics.has(topic)) this._subscribeNow(topic);
+        }, this.options.flushPause);
+        return;
+      }
+      // Refused for good (forbidden, invalid): asking again on every reconnect would not help.
+      this.topics.delete(topic);
+      this._emit("subscriptionerror", { topic: topic, code: frame.code, detail: frame.detail });
+    }
+
+    _closed(ws, event) {
+      if (ws !== this.ws) return;
+      this._detach(ws);
+      this.ws = null;
+      this._stopPings();
+      this._stopFlush();
+      if (this._stopped) {
+        this._setState("closed", { code: event.code, reason: event.reason });
+        return;
+      }
+      this._scheduleReconnect({ code: event.code, reason: event.reason });
+    }
+
+    _scheduleReconnect(info) {
+      const o = this.options;
+      let delay;
+      if (o.drainCodes.includes(info.code)) {
+        // The instance is draining on purpose; another one (or its successor) takes us.
+        delay = Math.random() * o.drainDelay;
+        this.attempt = Math.max(this.attempt, 1);
+      } else {
+        this.attempt += 1;
+        const ceiling = Math.min(o.maxDelay, o.minDelay * Math.pow(o.factor, this.attempt - 1));
+        // Jitter over the upper half of the ceiling: spread out, yet never hammering at ~0 ms.
+        delay = ceiling / 2 + Math.random() * (ceiling / 2);
+        if (o.slowReaderCodes.includes(info.code)) delay = Math.max(delay, o.slowReaderDelay);
+      }
+      this._setState("reconnecting", {
+        attempt: this.attempt,
+        delay: Math.round(delay),
+        code: info.code,
+        reason: info.reason,
+      });
+      this._timer = setTimeout(() => {
+        this._timer = null;
+        this._connectNow();
+      }, delay);
+    }
+
+    _sendNow(frame) {
+      this.ws.send(JSON.stringify(frame));
+    }
+
+    _flush() {
+      this._stopFlush();
+      const batch = this.queue.splice(0, this.options.flushBatch);
+      for (const frame of batch) this._sendNow(frame);
+      if (batch.length) this._emit("queue", { size: this.queue.length, dropped: 0 });
+      if (this.queue.length) {
+        this._flushTimer = setTimeout(() => {
+          this._flushTimer = null;
+          if (this.connected) this._flush();
+        }, this.options.flushPause);
+      }
+    }
+
+    _startPings() {
+      const every = this.options.pingInterval;
+      if (!every) return;
+      this._pingTimer = setInterval(() => {
+        if (!this.connected) return;
+        if (Date.now() - this._lastHeard > 2 * every) {
+          // Nothing heard for two intervals: the connection is dead even if TCP says not.
+          const ws = this.ws;
+          this._closed(ws, { code: 4000, reason: "no answer to pings" });
+          ws.close();
+          return;
+        }
+        this._sendNow({ type: "ping" });
+      }, every);
+    }
+
+    _stopPings() {
+      if (this._pingTimer) clearInterval(this._pingTimer);
+      this._pingTimer = null;
+    }
+
+    _stopFlush() {
+      if (this._flushTimer) clearTimeout(this._flushTimer);
+      this._flushTimer = null;
+    }
+
+    _clearTimers() {
+      if (this._timer) clearTimeout(this._timer);
+      this._timer = null;
+      this._stopPings();
+      this._stopFlush();
+    }
+
+    _setState(state, info) {
+      const previous = this.state;
+      this.state = state;
+      this._emit("state", Object.assign({ state: state, previous: previous }, info || {}));
+    }
+
+    _emit(type, detail) {
+      this.dispatchEvent(new CustomEvent(type, { detail: detail }));
+    }
+  }
+
+  global.RealtimeClient = RealtimeClient;
+})(typeof window !== "undefined" ? window : globalThis);

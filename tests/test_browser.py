@@ -1,0 +1,424 @@
+"""The live page (/) in headless Chromium against real Daphne instances, RabbitMQ and workers.
+
+The browser tests use Playwright's sync API in sync tests: the `cluster` fixture is sync, and
+Chromium is started after the deployment and stopped before it (Playwright's sync API keeps an
+event loop running, and the cluster's own helpers call `asyncio.run`).
+"""
+
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from django.urls import reverse
+
+from tests.support.cluster import ROOT, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+]
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+# Milliseconds Playwright waits for the page to show something (a message crosses two processes
+# and the broker; a restarted instance needs a few seconds before it takes sockets again).
+SHOW_MS = 15_000
+RECONNECT_MS = 45_000
+XSS = "<img src=x onerror=alert(1)><script>window.__xss=1</script>"
+
+
+# --- plain tests (Django's test client, no browser) ------------------------------------------
+
+
+def test_index_redirects_anonymous_users_to_login(client):
+    response = client.get(reverse("index"))
+    assert response.status_code == 302
+    assert response["Location"] == f"{reverse('login')}?next=/"
+
+
+def test_index_renders_for_a_signed_in_user(client, users, settings):
+    from django.contrib.auth.models import User
+
+    client.force_login(User.objects.get(username="bob"))
+    response = client.get(reverse("index"))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'id="realtime-config"' in html
+    assert "/static/notifications/realtime.js" in html and "/static/notifications/live.js" in html
+    assert "/static/notifications/site.css" in html
+    assert response.context["realtime_config"]["user"] == "bob"
+    assert settings.RT_INSTANCE_ID in html
+
+
+def test_login_page_and_logout(client, users):
+    page = client.get(reverse("login"))
+    assert page.status_code == 200
+    assert b'name="username"' in page.content and b'name="password"' in page.content
+    signed_in = client.post(reverse("login"), {"username": "bob", "password": users["bob"].password})
+    assert signed_in.status_code == 302 and signed_in["Location"] == "/"
+    wrong = client.post(reverse("login"), {"username": "bob", "password": "nope"})
+    assert wrong.status_code == 200 and b'role="alert"' in wrong.content
+    signed_out = client.post(reverse("logout"))
+    assert signed_out.status_code == 302 and signed_out["Location"] == reverse("login")
+    assert client.get(reverse("index")).status_code == 302
+
+
+@pytest.mark.parametrize("name", ["realtime.js", "live.js", "site.css"])
+def test_static_files_are_served_without_collectstatic(client, name):
+    response = client.get(f"/static/notifications/{name}")
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content)
+
+
+# --- browser tests ----------------------------------------------------------------------------
+
+
+def require_chromium() -> None:
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser tests need it")
+
+
+@contextmanager
+def chromium():
+    """Headless Chromium from the system (Playwright's own download cannot work here)."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def deployment(cluster, users):
+    """Two web instances and a worker, ready before the browser starts."""
+    require_chromium()  # skip before paying for processes that would go unused
+    web_a, web_b = cluster.add_web(), cluster.add_web()
+    cluster.add_worker()
+    web_a.wait_ready()
+    web_b.wait_ready()
+    cluster.wait_workers_consuming()
+    return web_a, web_b
+
+
+@pytest.fixture
+def browser(deployment):
+    """Chromium for pages on the deployment, torn down before the deployment it depends on."""
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def bare_browser():
+    """Chromium alone, for the client library against a scripted fake socket."""
+    with chromium() as launched:
+        yield launched
+
+
+class PageWatch:
+    """Collects what must never happen on a page: script errors and dialogs (alert from a payload)."""
+
+    def __init__(self, page):
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+
+def open_live_page(browser, web, user, login_shot: str | None = None):
+    """Sign in through the form, as a person would, and land on the live page."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    watch = PageWatch(page)
+    page.goto(f"{web.url}/")
+    expect(page).to_have_url(f"{web.url}/accounts/login/?next=/")
+    page.get_by_label("Username").fill(user.username)
+    page.get_by_label("Password").fill(user.password)
+    if login_shot:
+        screenshot(page, login_shot)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(f"{web.url}/")
+    return page, watch
+
+
+def expect_connected(page, instance: str, timeout: int = SHOW_MS) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#rt-state")).to_have_attribute("data-state", "open", timeout=timeout)
+    expect(page.locator("#rt-state")).to_have_text("Connected")
+    expect(page.locator("#rt-instance")).to_have_text(instance, timeout=timeout)
+
+
+def publish(web, publisher, body: dict) -> dict:
+    response = httpx.post(f"{web.url}/api/v1/messages/", json=body, headers=publisher.headers, timeout=20)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def shown(page, message_id: str):
+    return page.locator(f'#messages li[data-id="{message_id}"]')
+
+
+def wait_for_ack(web, publisher, message_id: str) -> dict:
+    """Poll the delivery log until the page's ack is recorded (written in batches, off the hot path)."""
+
+    def acked():
+        response = httpx.get(
+            f"{web.url}/api/v1/messages/{message_id}/", headers=publisher.headers, timeout=10
+        )
+        assert response.status_code == 200, response.text
+        deliveries = response.json()["deliveries"]
+        return deliveries if deliveries and deliveries[0]["acked_at"] else None
+
+    return wait_until(acked, timeout=15, interval=0.1, what=f"the ack of {message_id}")
+
+
+def screenshot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.mark.browser
+def test_page_shows_acks_escapes_and_survives_a_restart(cluster, deployment, browser, users):
+    from playwright.sync_api import expect
+
+    web_a, web_b = deployment
+    alice, bob = users["alice"], users["bob"]
+    page, watch = open_live_page(browser, web_a, bob, login_shot="login-page.png")
+    expect_connected(page, "web-1")
+    expect(page.locator("#rt-connection")).to_have_text(re.compile(r"^c-"))
+
+    # A message for bob, published through the other instance, shows up and is acked.
+    notice = publish(web_b, alice, {"user": "bob", "event": "notice", "payload": {"text": "hello bob"}})
+    item = shown(page, notice["id"])
+    expect(item).to_be_visible(timeout=SHOW_MS)
+    expect(item.locator(".message-event")).to_have_text("notice")
+    expect(item.locator(".message-payload")).to_contain_text('"text": "hello bob"')
+    expect(item.locator(".message-time")).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT"))
+    deliveries = wait_for_ack(web_b, alice, notice["id"])
+    assert deliveries[0]["instance"] == "web-1"
+    assert deliveries[0]["connection"] == page.locator("#rt-connection").text_content()
+
+    # Markup in a payload is text: nothing is created, nothing runs.
+    hostile = publish(web_b, alice, {"user": "bob", "event": "xss", "payload": {"html": XSS, "raw": XSS}})
+    payload = shown(page, hostile["id"]).locator(".message-payload")
+    expect(payload).to_be_visible(timeout=SHOW_MS)
+    assert XSS in payload.text_content()
+    assert page.locator("#messages img, #messages script").count() == 0
+    assert page.evaluate("window.__xss") is None
+    # Newest first.
+    assert page.locator("#messages li").first.get_attribute("data-id") == hostile["id"]
+
+    # A topic subscribed now is subscribed again on the next connection.
+    page.get_by_role("textbox", name="Topic").fill("orders")
+    page.get_by_role("button", name="Subscribe", exact=True).click()
+    expect(page.locator('#topic-list li[data-topic="orders"]')).to_have_attribute("data-confirmed", "true")
+    screenshot(page, "live-page.png")
+
+    # The instance drains (1001) and goes; the page says so and keeps what is sent meanwhile.
+    old_port = web_a.port
+    web_a.stop()
+    expect(page.locator("#rt-state")).to_have_attribute("data-state", re.compile("reconnecting|connecting"))
+    expect(page.locator("#rt-instance")).to_have_text("—")
+    page.get_by_label("Payload").fill('{"while": "away"}')
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#send-feedback")).to_contain_text("Queued")
+    expect(page.locator("#rt-queued")).to_have_text("1")
+
+    # Its successor on the same port takes the page back: resubscribed, queue flushed.
+    web_a2 = cluster.add_web(name="web-1b", port=old_port)
+    web_a2.wait_ready()
+    expect_connected(page, "web-1b", timeout=RECONNECT_MS)
+    expect(page.locator("#rt-queued")).to_have_text("0")
+    echo = page.locator("#messages li", has=page.locator(".message-event", has_text="echo"))
+    expect(echo.locator(".message-payload")).to_contain_text('"while": "away"', timeout=SHOW_MS)
+    expect(page.locator('#topic-list li[data-topic="orders"]')).to_have_attribute(
+        "data-confirmed", "true", timeout=SHOW_MS
+    )
+    again = publish(web_b, alice, {"user": "bob", "event": "notice", "payload": {"text": "back again"}})
+    expect(shown(page, again["id"])).to_be_visible(timeout=SHOW_MS)
+    order = publish(web_b, alice, {"topic": "orders", "event": "order.shipped", "payload": {"order": 42}})
+    expect(shown(page, order["id"]).locator(".message-topic")).to_have_text("orders", timeout=SHOW_MS)
+    assert wait_for_ack(web_b, alice, again["id"])[0]["instance"] == "web-1b"
+    screenshot(page, "live-page-after-restart.png")
+
+    assert watch.errors == [] and watch.dialogs == []
+    page.context.close()
+
+
+@pytest.mark.browser
+def test_chat_between_two_pages_on_two_instances(deployment, browser, users):
+    from playwright.sync_api import expect
+
+    web_a, web_b = deployment
+    bob, bob_watch = open_live_page(browser, web_a, users["bob"])
+    carol, carol_watch = open_live_page(browser, web_b, users["carol"])
+    expect_connected(bob, "web-1")
+    expect_connected(carol, "web-2")
+
+    # carol joins the lobby; bob's first line subscribes him to it too.
+    carol.get_by_role("textbox", name="Topic").fill("chat.lobby")
+    carol.get_by_role("button", name="Subscribe", exact=True).click()
+    expect(carol.locator('#topic-list li[data-topic="chat.lobby"]')).to_have_attribute(
+        "data-confirmed", "true"
+    )
+    bob.get_by_label("Event", exact=True).select_option("chat.message")
+    bob.get_by_label("Room").fill("lobby")
+    bob.get_by_label("Text", exact=True).fill("hi <b>carol</b>")
+    bob.get_by_role("button", name="Send").click()
+    expect(bob.locator("#send-feedback")).to_contain_text(
+        "Queued for the workers as inbound", timeout=SHOW_MS
+    )
+
+    for page in (carol, bob):
+        line = page.locator("#messages li", has=page.locator(".message-topic", has_text="chat.lobby"))
+        expect(line.locator(".message-event")).to_have_text("chat.message", timeout=SHOW_MS)
+        expect(line.locator(".message-payload")).to_contain_text('"text": "hi <b>carol</b>"')
+        expect(line.locator(".message-payload")).to_contain_text('"author": "bob"')
+        assert page.locator("#messages b").count() == 0
+
+    # An echo comes back to its sender only.
+    bob.get_by_label("Event", exact=True).select_option("echo")
+    bob.get_by_label("Payload").fill("just text")
+    bob.get_by_role("button", name="Send").click()
+    echo = bob.locator("#messages li", has=bob.locator(".message-event", has_text="echo"))
+    expect(echo.locator(".message-payload")).to_contain_text('"data": "just text"', timeout=SHOW_MS)
+
+    # After unsubscribing, carol gets no more lobby lines; a broadcast afterwards proves she listens.
+    carol.get_by_role("button", name="Unsubscribe from chat.lobby").click()
+    expect(carol.locator('#topic-list li[data-topic="chat.lobby"]')).to_have_count(0)
+    expect(carol.locator("#activity")).to_contain_text("unsubscribed from chat.lobby", timeout=SHOW_MS)
+    later = publish(web_a, users["alice"], {"topic": "chat.lobby", "event": "chat.message", "payload": {}})
+    marker = publish(web_a, users["alice"], {"broadcast": True, "event": "marker"})
+    expect(shown(carol, marker["id"])).to_be_visible(timeout=SHOW_MS)
+    expect(shown(bob, later["id"])).to_be_visible(timeout=SHOW_MS)
+    assert shown(carol, later["id"]).count() == 0
+    screenshot(carol, "live-page-chat.png")
+
+    for watch in (bob_watch, carol_watch):
+        assert watch.errors == [] and watch.dialogs == []
+
+
+# --- the client library alone, against a scripted socket -------------------------------------
+
+REALTIME_JS = ROOT / "notifications" / "static" / "notifications" / "realtime.js"
+
+# A stand-in for WebSocket that the test drives: it records what the client sends and lets the
+# test open, feed and drop each connection, so close codes the server cannot yet send are covered.
+# Backoff delays are long and read from the `state` events; the test moves on by firing the
+# browser's `online` event (which makes the client retry at once), inside the same evaluate()
+# as the drop, so no timer can fire in between and nothing depends on timing.
+FAKE_SOCKET_JS = """
+class FakeSocket {
+  constructor(url) { this.url = url; this.sent = []; FakeSocket.all.push(this); }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code) { this.closedWith = code || 1000; }
+  open() { this.onopen({}); }
+  receive(frame) { this.onmessage({ data: JSON.stringify(frame) }); }
+  drop(code) { this.onclose({ code: code, reason: "" }); }
+}
+FakeSocket.all = [];
+window.FakeSocket = FakeSocket;
+window.events = [];
+window.last = () => FakeSocket.all[FakeSocket.all.length - 1];
+window.welcome = (n) => last().receive({type: "welcome", connection: "c-" + n, instance: "web", user: "u"});
+/** Drop the current socket with `code`; report the planned delay, then retry at once. */
+window.dropAndRetry = (code, opened) => {
+  const before = FakeSocket.all.length;
+  last().drop(code);
+  const planned = { state: client.state, delay: events.filter((e) => e.type === "state").pop().detail.delay };
+  window.dispatchEvent(new Event("online"));
+  if (opened) last().open();
+  return Object.assign(planned, { created: FakeSocket.all.length - before });
+};
+window.client = new RealtimeClient({
+  url: "ws://example.test/ws/", WebSocket: FakeSocket, topics: ["news"], pingInterval: 0,
+  minDelay: 1000, maxDelay: 8000, drainDelay: 50, slowReaderDelay: 3000, flushBatch: 2, flushPause: 50,
+});
+for (const type of ["state", "welcome", "message", "queue", "subscriptionerror", "servererror"]) {
+  client.on(type, (detail) => events.push({ type, detail }));
+}
+"""
+
+
+@pytest.mark.browser
+def test_realtime_client_reconnects_resubscribes_and_flushes(bare_browser):
+    page = bare_browser.new_page()
+    watch = PageWatch(page)
+    page.set_content("<!doctype html><title>client</title>")
+    page.add_script_tag(content=REALTIME_JS.read_text())
+    page.evaluate(FAKE_SOCKET_JS)
+    run = page.evaluate
+
+    # First connection: its topics are subscribed as soon as it opens.
+    assert run("client.state") == "connecting" and run("last().url") == "ws://example.test/ws/"
+    run("last().open(); welcome(1)")
+    assert run("client.state") == "open"
+    assert run("last().sent.map(f => [f.type, f.topic])") == [["subscribe", "news"]]
+    assert run("client.ack('00000000-0000-0000-0000-000000000001')") is True
+    assert run("last().sent[1]") == {"type": "ack", "id": "00000000-0000-0000-0000-000000000001"}
+
+    # Dropped (1006): a jittered wait in [min/2, min]; meanwhile frames queue and acks do not.
+    lost = run("""(() => {
+        last().drop(1006);
+        const planned = events.filter((e) => e.type === "state").pop().detail;
+        client.subscribe("orders");
+        for (const n of [1, 2, 3]) client.sendEvent("echo", {n});
+        const acked = client.ack("00000000-0000-0000-0000-000000000002");
+        return {state: client.state, delay: planned.delay, queued: client.queued, acked};
+    })()""")
+    assert lost["state"] == "reconnecting" and 500 <= lost["delay"] <= 1000, lost
+    assert (lost["queued"], lost["acked"]) == (3, False)
+
+    # Second connection: resubscribed first, then the queue flushed in paced batches of two.
+    run("window.dispatchEvent(new Event('online')); last().open()")
+    page.wait_for_function("client.queued === 0", timeout=5_000)
+    sent = run("last().sent")
+    assert [(f["type"], f.get("topic")) for f in sent[:2]] == [("subscribe", "news"), ("subscribe", "orders")]
+    assert [f["payload"] for f in sent[2:]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert len({f["ref"] for f in sent[2:]}) == 3
+
+    # Failed attempts back off exponentially up to the cap (the connection above opened but got no
+    # welcome, so it counts as failed too): ceilings 2, 4, 8, 8 s.
+    retries = [run("dropAndRetry(1006, false)") for _ in range(4)]
+    assert all(r["state"] == "reconnecting" and r["created"] == 1 for r in retries), retries
+    for retry, ceiling in zip(retries, [2000, 4000, 8000, 8000], strict=True):
+        assert ceiling / 2 <= retry["delay"] <= ceiling, retries
+
+    # A welcome resets the backoff; a drain (1001, or 4001) comes back at once, a slow reader waits.
+    run("last().open(); welcome(2)")
+    for code, low, high in [(1001, 0, 50), (4001, 0, 50), (1013, 3000, 8000), (4013, 3000, 8000)]:
+        retry = run(f"dropAndRetry({code}, true)")
+        assert low <= retry["delay"] <= high and retry["created"] == 1, (code, retry)
+        run("welcome(3)")
+
+    # A refused subscribe is forgotten, so it is not asked again on every reconnect.
+    ref = run("last().sent.find(f => f.topic === 'orders').ref")
+    run(f"last().receive({{type: 'error', code: 'forbidden', detail: 'no', ref: '{ref}'}})")
+    assert run("Array.from(client.topics)") == ["news"]
+    assert run("events.filter(e => e.type === 'subscriptionerror').map(e => e.detail.topic)") == ["orders"]
+
+    # Messages become events; close() is final.
+    run("last().receive({type: 'message', id: 'm1', topic: null, event: 'x', payload: 1})")
+    assert run("events.filter(e => e.type === 'message').map(e => e.detail.id)") == ["m1"]
+    sockets = run("FakeSocket.all.length")
+    run("client.close(); window.dispatchEvent(new Event('online'))")
+    assert run("client.state") == "closed" and run("last().closedWith") == 1000
+    assert run("FakeSocket.all.length") == sockets
+    assert watch.errors == []
