@@ -28,7 +28,7 @@ USER app
 EXPOSE 8000
 
 # Liveness of a web instance (workers and migrate disable it in docker-compose.yml).
-# Host "localhost" must be in DJANGO_ALLOWED_HOSTS, as it is in .env.example.
+# The probes answer whatever the Host header (realtime_project/probes.py).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request as u; r = u.urlopen(u.Request('http://127.0.0.1:8000/healthz', headers={'Host': 'localhost'}), timeout=2); sys.exit(r.status != 200)"]
 

@@ -174,3 +174,10 @@ async def test_schema_docs_health_and_metrics(users):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     metrics = await client.get("/metrics")
     assert metrics.status_code == 200 and b"rt_broker_connected" in metrics.content
+
+
+async def test_probes_answer_whatever_the_host_header(users):
+    client = AsyncClient()
+    assert (await client.get("/healthz", headers={"Host": "10.1.2.3:8000"})).status_code == 200
+    assert (await client.get("/readyz", headers={"Host": "10.1.2.3:8000"})).status_code == 200
+    assert (await client.get("/api/v1/messages/", headers={"Host": "10.1.2.3:8000"})).status_code == 400
