@@ -167,7 +167,7 @@ class InboundFrameAdmin(ReadOnlyAdmin):
         outcome = requeue_dead_frames(
             list(queryset.filter(status=InboundFrame.Status.DEAD).values_list("id", flat=True))
         )
-        if outcome.error:
-            self.message_user(request, f"Nothing requeued: {outcome.error}", messages.ERROR)
-        else:
+        if outcome.requeued:
             self.message_user(request, f"Requeued {outcome.requeued} dead frame(s).", messages.SUCCESS)
+        if outcome.error:
+            self.message_user(request, f"Stopped requeueing: {outcome.error}", messages.ERROR)

@@ -34,8 +34,13 @@ def requeue_dead_frames(frame_ids: list[uuid.UUID]) -> RequeueOutcome:
         try:
             async_to_sync(get_bridge().publish_inbound)(queue_body(frame), str(frame.id))
         except BrokerUnavailable as exc:
-            InboundFrame.objects.filter(id=frame.id).update(
-                status=InboundFrame.Status.DEAD, error=frame.error
+            # Nothing was queued: put the record back exactly as it was, attempts and all.
+            InboundFrame.objects.filter(id=frame.id, status=InboundFrame.Status.ACCEPTED).update(
+                status=InboundFrame.Status.DEAD,
+                attempts=frame.attempts,
+                error=frame.error,
+                processed_at=frame.processed_at,
+                processed_by=frame.processed_by,
             )
             outcome.error = str(exc)
             break

@@ -65,6 +65,7 @@ class Proc:
     port: int | None = None
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    killed: bool = False
 
     def start(self) -> "Proc":
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,7 @@ class Proc:
             self.process.send_signal(signum)
 
     def kill(self) -> None:
+        self.killed = True
         self.signal(signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=10)
@@ -140,7 +142,7 @@ class Cluster:
         env = {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith(("RT_", "DJANGO_", "PYTEST_")) and key != "DATABASE_URL"
+            if not key.startswith(("RT_", "DJANGO_", "PYTEST_", "DATABASE_"))
         }
         env.update(
             {
@@ -185,7 +187,11 @@ class Cluster:
 
         def consuming() -> bool:
             for worker in self.workers:
-                if worker.process is not None and worker.process.poll() not in (None, 0, -15):
+                if (
+                    worker.process is not None
+                    and worker.process.poll() not in (None, 0, -15)
+                    and not worker.killed
+                ):
                     raise RuntimeError(f"{worker.name} exited early:\n{worker.log_tail()}")
             stats = asyncio.run(queue_stats(f"{self.namespace}.inbound"))
             return stats is not None and stats[1] >= expected
