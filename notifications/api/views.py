@@ -23,7 +23,7 @@ from notifications.api.serializers import (
     payload_too_large,
 )
 from notifications.broker import BrokerUnavailable
-from notifications.models import Message
+from notifications.models import Delivery, Message
 from notifications.services import idempotency
 from notifications.services.messages import create_message, publish_from_web
 
@@ -113,6 +113,8 @@ class MessageCreateView(APIView):
             raise
         if claim is not None:
             idempotency.complete(claim.record, message)
+        # The record as accepted: its delivery log is written in batches, a moment later (GET it).
+        message._prefetched_objects_cache = {"deliveries": Delivery.objects.none()}
         return self._accepted(message)
 
     def _accepted(self, message: Message) -> Response:
