@@ -1,9 +1,12 @@
-"""Processing one inbound frame, effectively once (runs in a worker thread, synchronously).
+"""Processing inbound frames, effectively once (runs in a worker thread, synchronously).
 
-The handler's writes, the replies it asks for and the frame's new status commit in ONE
-transaction; only then does the worker publish the replies and ack. A redelivered frame that is
-already processed is not handled again: its replies still waiting to be published are returned
-so the worker publishes them (the bridge drops a reply it has already delivered).
+A batch of frames is processed in ONE transaction: each frame's handler runs in its own
+savepoint (one failing frame does not undo the others), and the handlers' writes, the replies
+they ask for and the frames' new statuses commit together; only then does the worker publish the
+replies and ack. A redelivered frame that is already processed is not handled again: its replies
+still waiting to be published are returned so the worker publishes them (web instances drop a
+reply they have already delivered). Batching is what lets a few workers keep up with many
+sockets: one commit per batch instead of several per frame.
 """
 
 import enum
@@ -25,13 +28,14 @@ logger = logging.getLogger(__name__)
 
 # Errors of the database itself: the frame is not at fault, so no attempt is spent on it.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
+SAVED_FIELDS = ["status", "attempts", "processed_by", "processed_at", "error"]
 
 
 class Verdict(enum.Enum):
     PROCESSED = "processed"  # publish `replies`, then ack
     RETRY = "retry"  # park in the retry queue for `delay` seconds, then ack
     DEAD = "dead"  # dead-letter it
-    SKIP = "skip"  # nothing to do (a stale copy of a dead frame): ack
+    SKIP = "skip"  # nothing to do (a stale copy of a dead frame, a duplicate): ack
 
 
 @dataclass
@@ -41,56 +45,95 @@ class Outcome:
     delay: int = 0
     attempts: int = 0
     error: str = ""
+    changed: bool = False  # this call changed the frame (and its replies are new, unsaved)
 
 
-def process_frame(frame_id: str, body: dict[str, Any], worker_id: str, crashed_attempts: int = 0) -> Outcome:
-    """Run the handler once for this frame unless it has already been processed.
+@dataclass
+class Work:
+    """One delivery to process: the frame's id and body, and how often the broker redelivered it.
 
-    `crashed_attempts` is how often the broker redelivered this copy: attempts that died with
-    their worker and so rolled back before they could count themselves.
+    Redeliveries are attempts that died with their worker and so rolled back before they could
+    count themselves.
     """
+
+    frame_id: str
+    body: dict[str, Any]
+    redeliveries: int = 0
+
+
+def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
+    """Run each frame's handler once unless it has already been processed; one commit for all."""
     with transaction.atomic():
-        frame = _locked_frame(frame_id, body)
-        if frame.status == InboundFrame.Status.PROCESSED:
-            pending = list(frame.replies.filter(status=Message.Status.ACCEPTED))
-            logger.info("inbound %s already processed by %s: skipped", frame_id, frame.processed_by)
-            return Outcome(Verdict.PROCESSED, replies=pending, attempts=frame.attempts)
-        if frame.status == InboundFrame.Status.DEAD:
-            logger.info("inbound %s is dead: a stale copy, skipped", frame_id)
-            return Outcome(Verdict.SKIP, attempts=frame.attempts)
-
-        frame.attempts += 1 + crashed_attempts
-        frame.processed_by = worker_id
-        handler = get_handler(frame.event)
-        context = HandlerContext(frame=frame, worker_id=worker_id)
-        try:
-            if handler is None:
-                raise LookupError(f"no handler for event {frame.event!r} in this worker")
-            with transaction.atomic():
-                handler.handle(frame, context)
-        except INFRASTRUCTURE_ERRORS:
-            raise
-        except Exception as exc:
-            return _failed(frame, exc)
-        frame.status = InboundFrame.Status.PROCESSED
-        frame.processed_at = timezone.now()
-        frame.error = ""
-        frame.save(update_fields=["status", "attempts", "processed_by", "processed_at", "error"])
-    _test_crash_point(frame)
-    return Outcome(Verdict.PROCESSED, replies=context.messages, attempts=frame.attempts)
+        frames = _locked_frames(batch)
+        outcomes: list[Outcome] = []
+        changed: list[InboundFrame] = []
+        replies: list[Message] = []
+        seen: set[str] = set()
+        for work in batch:
+            frame = frames[work.frame_id]
+            if work.frame_id in seen:
+                outcomes.append(Outcome(Verdict.SKIP, attempts=frame.attempts))
+                continue
+            seen.add(work.frame_id)
+            outcome = _process_one(frame, work, worker_id)
+            outcomes.append(outcome)
+            if outcome.changed:
+                changed.append(frame)
+                replies.extend(outcome.replies)
+        if changed:
+            InboundFrame.objects.bulk_update(changed, SAVED_FIELDS)
+        if replies:
+            Message.objects.bulk_create(replies)
+    for frame in changed:
+        _test_crash_point(frame)
+    return outcomes
 
 
-def _locked_frame(frame_id: str, body: dict[str, Any]) -> InboundFrame:
-    frame = InboundFrame.objects.select_for_update().filter(id=frame_id).first()
-    if frame is None:
-        # Queued by something other than a socket of this deployment: record it now.
-        frame = InboundFrame.objects.create(
-            id=uuid.UUID(frame_id),
-            user_id=body.get("user_id"),
-            event=str(body.get("event", ""))[:100],
-            payload=body.get("payload"),
-        )
-    return frame
+def _process_one(frame: InboundFrame, work: Work, worker_id: str) -> Outcome:
+    if frame.status == InboundFrame.Status.PROCESSED:
+        pending = list(frame.replies.filter(status=Message.Status.ACCEPTED))
+        logger.info("inbound %s already processed by %s: skipped", frame.id, frame.processed_by)
+        return Outcome(Verdict.PROCESSED, replies=pending, attempts=frame.attempts)
+    if frame.status == InboundFrame.Status.DEAD:
+        logger.info("inbound %s is dead: a stale copy, skipped", frame.id)
+        return Outcome(Verdict.SKIP, attempts=frame.attempts)
+
+    frame.attempts += 1 + work.redeliveries
+    frame.processed_by = worker_id
+    handler = get_handler(frame.event)
+    context = HandlerContext(frame=frame, worker_id=worker_id)
+    try:
+        if handler is None:
+            raise LookupError(f"no handler for event {frame.event!r} in this worker")
+        with transaction.atomic():
+            handler.handle(frame, context)
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception as exc:
+        return _failed(frame, exc)
+    frame.status = InboundFrame.Status.PROCESSED
+    frame.processed_at = timezone.now()
+    frame.error = ""
+    return Outcome(Verdict.PROCESSED, replies=context.messages, attempts=frame.attempts, changed=True)
+
+
+def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:
+    ids = {work.frame_id for work in batch}
+    # Locked in id order, so two workers holding copies of the same frames cannot deadlock.
+    frames = {
+        str(frame.id): frame
+        for frame in InboundFrame.objects.select_for_update().filter(id__in=ids).order_by("id")
+    }
+    for work in batch:
+        if work.frame_id not in frames:
+            # Queued by something other than a socket of this deployment: record it now.
+            frames[work.frame_id] = InboundFrame.objects.create(
+                id=uuid.UUID(work.frame_id),
+                user_id=work.body.get("user_id"),
+                event=str(work.body.get("event", ""))[:100],
+                payload=work.body.get("payload"),
+            )
+    return frames
 
 
 def _failed(frame: InboundFrame, exc: Exception) -> Outcome:
@@ -104,8 +147,7 @@ def _failed(frame: InboundFrame, exc: Exception) -> Outcome:
         frame.status = InboundFrame.Status.FAILED
         delays = settings.RT_INBOUND_RETRY_DELAYS
         verdict, delay = Verdict.RETRY, delays[min(frame.attempts, len(delays)) - 1]
-    frame.save(update_fields=["status", "attempts", "processed_by", "processed_at", "error"])
-    return Outcome(verdict, delay=delay, attempts=frame.attempts, error=frame.error)
+    return Outcome(verdict, delay=delay, attempts=frame.attempts, error=frame.error, changed=True)
 
 
 def mark_dead(frame_id: str, error: str) -> None:
@@ -115,10 +157,23 @@ def mark_dead(frame_id: str, error: str) -> None:
     )
 
 
+def mark_replies_published(replies: list[Message]) -> None:
+    """One update for a batch's replies, once the broker confirmed them all."""
+    published_at = {message.published_at for message in replies}
+    for when in published_at:
+        Message.objects.filter(id__in=[m.id for m in replies if m.published_at == when]).update(
+            status=Message.Status.PUBLISHED, published_at=when, error=""
+        )
+
+
 def _test_crash_point(frame: InboundFrame) -> None:
     """Test hook: die between commit and ack, for the frame that asks for it (never in production)."""
     if os.environ.get("RT_TEST_CRASH_AFTER_COMMIT") != "1":
         return
-    if isinstance(frame.payload, dict) and frame.payload.get("crash_after_commit") is True:
+    if (
+        frame.status == InboundFrame.Status.PROCESSED
+        and isinstance(frame.payload, dict)
+        and frame.payload.get("crash_after_commit") is True
+    ):
         logger.warning("test hook: exiting between commit and ack of %s", frame.id)
         os._exit(137)

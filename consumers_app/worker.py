@@ -1,36 +1,49 @@
 """The inbound worker: competing consumers of `<ns>.inbound` (aio-pika, manual acks, no Celery).
 
-The worker only decodes, calls `processing.process_frame` in a thread, publishes the replies,
-and settles the delivery. Errors of the handler are retried through delay queues, then
-dead-lettered; errors of the infrastructure (database, broker) are waited out with backoff while
-the frame stays unacked, so they never spend the frame's attempts.
+The worker only decodes, hands batches of frames to `processing.process_batch` in a thread,
+publishes the replies, and settles each delivery. Handler errors are retried through delay
+queues, then dead-lettered; errors of the infrastructure (database, broker) are waited out with
+backoff while the frames stay unacked, so they never spend a frame's attempts.
+
+`--concurrency N` gives N lanes; each lane takes whatever frames are waiting (up to BATCH_SIZE)
+and processes them in one transaction in its own thread. Under load that makes one commit per
+batch rather than several per frame; a lone frame still goes alone, at once.
 """
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from consumers_app.processing import INFRASTRUCTURE_ERRORS, Outcome, Verdict, mark_dead, process_frame
+from consumers_app.processing import (
+    INFRASTRUCTURE_ERRORS,
+    Outcome,
+    Verdict,
+    Work,
+    mark_dead,
+    mark_replies_published,
+    process_batch,
+)
 from notifications import broker, metrics
 from notifications.broker import BrokerUnavailable
 from notifications.models import Message
-from notifications.services.messages import broker_body, mark_published
+from notifications.services.messages import broker_body
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Frames one lane processes in one transaction at most. Larger batches commit less often, but a
+# slow handler holds up the rest of its batch.
+BATCH_SIZE = 8
 # Longest wait between two tries while the database or broker is down.
 INFRA_BACKOFF_MAX = 30.0
 # Seconds a stopping worker lets in-flight frames finish before handing them back.
@@ -45,9 +58,10 @@ class InboundWorker:
         self.concurrency = concurrency
         self.worker_id = worker_id or settings.RT_INSTANCE_ID
         self.topology = broker.current_topology()
+        self.queue_name = self.topology.inbound_queue
         self.stopping = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="inbound")
-        self.in_flight: set[asyncio.Task] = set()
+        self.waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.connection: AbstractRobustConnection | None = None
         self._broadcast: AbstractExchange | None = None
         self._default: AbstractExchange | None = None
@@ -60,6 +74,7 @@ class InboundWorker:
             self.connection = await broker.connect(self.stopping)
         except asyncio.CancelledError:
             return
+        lanes: list[asyncio.Task] = []
         try:
             setup = await self.connection.channel()
             await broker.declare_topology(setup, self.topology)
@@ -70,26 +85,24 @@ class InboundWorker:
             self._default = publish.default_exchange
 
             consume = await self.connection.channel()
-            # One unacked frame per handler slot: a frame waits in the queue, where another worker
-            # can take it, rather than in this worker's memory.
-            await consume.set_qos(prefetch_count=self.concurrency)
+            # A full batch per lane: frames beyond that wait in the queue, where another worker
+            # can take them, rather than in this worker's memory.
+            await consume.set_qos(prefetch_count=self.concurrency * BATCH_SIZE)
             queue = await broker.declare_inbound(consume, self.topology)
+            lanes = [asyncio.create_task(self._lane(), name=f"lane-{n}") for n in range(self.concurrency)]
             tag = await queue.consume(self._on_message)
             metrics.broker_connected.set(1)
-            logger.info(
-                "worker %s consuming %s with concurrency %d", self.worker_id, queue.name, self.concurrency
-            )
+            logger.info("worker %s consuming %s with %d lanes", self.worker_id, queue.name, self.concurrency)
             await self.stopping.wait()
 
-            logger.info(
-                "worker %s stopping: no new frames, %d in flight", self.worker_id, len(self.in_flight)
-            )
+            logger.info("worker %s stopping: taking no new frames", self.worker_id)
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
-            if self.in_flight:
-                await asyncio.wait(set(self.in_flight), timeout=STOP_GRACE_SECONDS)
+            await asyncio.wait(lanes, timeout=STOP_GRACE_SECONDS)
         finally:
-            # Closing the channel hands any frame still unacked back to the queue.
+            for lane in lanes:
+                lane.cancel()
+            # Closing the channel hands every frame still unacked back to the queue.
             with contextlib.suppress(Exception):
                 await self.connection.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -104,92 +117,138 @@ class InboundWorker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
 
-    # --- one frame -----------------------------------------------------------------------
+    # --- batches -------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        self.in_flight.add(task)
-        try:
-            await self._handle(message)
-        finally:
-            self.in_flight.discard(task)
+        await self.waiting.put(message)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        queue = self.topology.inbound_queue
+    async def _lane(self) -> None:
+        """Take what is waiting (a batch) and process it; until the worker stops."""
+        while not self.stopping.is_set():
+            getter = asyncio.ensure_future(self.waiting.get())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not getter.done():
+                getter.cancel()
+                return
+            batch = [getter.result()]
+            while len(batch) < BATCH_SIZE and not self.waiting.empty():
+                batch.append(self.waiting.get_nowait())
+            try:
+                await self._handle(batch)
+            except _Stopping:
+                logger.info("%s: %d frames handed back (worker stopping)", self.queue_name, len(batch))
+                for message in batch:
+                    await broker.settle(message.nack(requeue=True), "an inbound delivery")
+                return
+            except Exception:
+                # A bug, not an outage: leave the frames unacked (redelivered after a restart).
+                logger.exception("%s: batch of %d frames failed", self.queue_name, len(batch))
+
+    async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
+        work: list[tuple[AbstractIncomingMessage, Work]] = []
+        for message in messages:
+            item = await self._decode(message)
+            if item is not None:
+                work.append((message, item))
+        if not work:
+            return
+        ids = ", ".join(item.frame_id for _, item in work[:3]) + (" …" if len(work) > 3 else "")
+        outcomes: list[Outcome] = await self._until_infra_recovers(
+            "processing", ids, lambda: process_batch([item for _, item in work], self.worker_id)
+        )
+        replies = [
+            reply for outcome in outcomes if outcome.verdict is Verdict.PROCESSED for reply in outcome.replies
+        ]
+        if replies:
+            await self._publish_replies(ids, replies)
+        settles: list[Awaitable[None]] = []
+        for (message, item), outcome in zip(work, outcomes, strict=True):
+            settles.append(self._settle(message, item, outcome))
+        await asyncio.gather(*settles)
+
+    async def _decode(self, message: AbstractIncomingMessage) -> Work | None:
         try:
             body = broker.decode(message.body)
             frame_id = str(body["id"])
         except (ValueError, KeyError, TypeError) as exc:
-            logger.error("%s: undecodable message %s dead-lettered: %s", queue, message.message_id, exc)
-            await _settle(message.reject(requeue=False))
-            return
-        crashed = int((message.headers or {}).get("x-delivery-count") or 0)
-        if crashed >= POISON_REDELIVERIES:
-            error = f"redelivered {crashed} times: its workers died while processing it"
-            logger.error("%s: inbound %s dead-lettered: %s", queue, frame_id, error)
-            with contextlib.suppress(_Stopping):
-                await self._until_infra_recovers("mark dead", frame_id, lambda: mark_dead(frame_id, error))
-            await _settle(message.reject(requeue=False))
-            return
-        try:
-            outcome: Outcome = await self._until_infra_recovers(
-                "process", frame_id, lambda: process_frame(frame_id, body, self.worker_id, crashed)
+            logger.error(
+                "%s: undecodable message %s dead-lettered: %s", self.queue_name, message.message_id, exc
             )
-            if outcome.verdict is Verdict.PROCESSED:
-                await self._publish_replies(frame_id, outcome.replies)
+            await broker.settle(message.reject(requeue=False), "an inbound delivery")
+            return None
+        redeliveries = int((message.headers or {}).get("x-delivery-count") or 0)
+        if redeliveries >= POISON_REDELIVERIES:
+            error = f"redelivered {redeliveries} times: its workers died while processing it"
+            logger.error("%s: inbound %s dead-lettered: %s", self.queue_name, frame_id, error)
+            await self._until_infra_recovers("mark dead", frame_id, lambda: mark_dead(frame_id, error))
+            metrics.inbound_dead.inc()
+            await broker.settle(message.reject(requeue=False), "an inbound delivery")
+            return None
+        return Work(frame_id=frame_id, body=body, redeliveries=redeliveries)
+
+    async def _settle(self, message: AbstractIncomingMessage, item: Work, outcome: Outcome) -> None:
+        event = item.body.get("event")
+        if outcome.verdict is Verdict.PROCESSED:
+            if outcome.changed:
                 metrics.inbound_processed.inc()
                 logger.info(
-                    "%s: inbound %s (%s) processed by %s", queue, frame_id, body.get("event"), self.worker_id
+                    "%s: inbound %s (%s) processed by %s",
+                    self.queue_name,
+                    item.frame_id,
+                    event,
+                    self.worker_id,
                 )
-            elif outcome.verdict is Verdict.RETRY:
-                metrics.inbound_failed.inc()
-                logger.warning(
-                    "%s: inbound %s failed attempt %d (%s); retrying in %ds",
-                    queue,
-                    frame_id,
-                    outcome.attempts,
-                    outcome.error,
-                    outcome.delay,
-                )
-                await self._until_broker_recovers(
-                    frame_id,
-                    lambda: broker.publish(
-                        self._default,
-                        body,
-                        message_id=frame_id,
-                        routing_key=self.topology.retry_queue(outcome.delay),
-                        mandatory=True,
-                    ),
-                )
-            elif outcome.verdict is Verdict.DEAD:
-                metrics.inbound_failed.inc()
-                metrics.inbound_dead.inc()
-                logger.error(
-                    "%s: inbound %s dead after %d attempts: %s",
-                    queue,
-                    frame_id,
-                    outcome.attempts,
-                    outcome.error,
-                )
-                await _settle(message.reject(requeue=False))
-                return
-        except _Stopping:
-            logger.info("%s: inbound %s handed back (worker stopping)", queue, frame_id)
-            await _settle(message.nack(requeue=True))
-            return
-        await _settle(message.ack())
-
-    async def _publish_replies(self, frame_id: str, replies: list[Message]) -> None:
-        for reply in replies:
-            reply.published_at = timezone.now()
+        elif outcome.verdict is Verdict.RETRY:
+            metrics.inbound_failed.inc()
+            logger.warning(
+                "%s: inbound %s (%s) failed attempt %d (%s); retrying in %ds",
+                self.queue_name,
+                item.frame_id,
+                event,
+                outcome.attempts,
+                outcome.error,
+                outcome.delay,
+            )
             await self._until_broker_recovers(
-                frame_id,
-                functools.partial(
-                    broker.publish, self._broadcast, broker_body(reply), message_id=str(reply.id)
+                item.frame_id,
+                lambda: broker.publish(
+                    self._default,
+                    item.body,
+                    message_id=item.frame_id,
+                    routing_key=self.topology.retry_queue(outcome.delay),
+                    mandatory=True,
                 ),
             )
-            metrics.messages_published.inc()
-            await self._until_infra_recovers("record reply", frame_id, lambda r=reply: mark_published(r))
+        elif outcome.verdict is Verdict.DEAD:
+            metrics.inbound_failed.inc()
+            metrics.inbound_dead.inc()
+            logger.error(
+                "%s: inbound %s (%s) dead after %d attempts: %s",
+                self.queue_name,
+                item.frame_id,
+                event,
+                outcome.attempts,
+                outcome.error,
+            )
+            await broker.settle(message.reject(requeue=False), "an inbound delivery")
+            return
+        await broker.settle(message.ack(), "an inbound delivery")
+
+    async def _publish_replies(self, ids: str, replies: list[Message]) -> None:
+        published_at = timezone.now()
+        for reply in replies:
+            reply.published_at = reply.published_at or published_at
+
+        async def publish_one(reply: Message) -> None:
+            await self._until_broker_recovers(
+                ids, lambda: broker.publish(self._broadcast, broker_body(reply), message_id=str(reply.id))
+            )
+
+        await asyncio.gather(*(publish_one(reply) for reply in replies))
+        metrics.messages_published.inc(len(replies))
+        await self._until_infra_recovers("recording replies", ids, lambda: mark_replies_published(replies))
 
     # --- waiting out outages -------------------------------------------------------------
 
@@ -203,7 +262,7 @@ class InboundWorker:
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 
-    async def _until_infra_recovers(self, what: str, frame_id: str, function: Callable[[], T]) -> T:
+    async def _until_infra_recovers(self, what: str, frames: str, function: Callable[[], T]) -> T:
         delay = 0.5
         while True:
             try:
@@ -211,15 +270,15 @@ class InboundWorker:
             except INFRASTRUCTURE_ERRORS as exc:
                 logger.warning(
                     "%s: database error during %s of inbound %s (%s); retrying in %.1fs",
-                    self.topology.inbound_queue,
+                    self.queue_name,
                     what,
-                    frame_id,
+                    frames,
                     exc,
                     delay,
                 )
             delay = await self._backoff(delay)
 
-    async def _until_broker_recovers(self, frame_id: str, publish: Callable[[], Any]) -> None:
+    async def _until_broker_recovers(self, frames: str, publish: Callable[[], Awaitable[Any]]) -> None:
         delay = 0.5
         while True:
             try:
@@ -228,8 +287,8 @@ class InboundWorker:
             except BrokerUnavailable as exc:
                 logger.warning(
                     "%s: cannot publish for inbound %s (%s); retrying in %.1fs",
-                    self.topology.inbound_queue,
-                    frame_id,
+                    self.queue_name,
+                    frames,
                     exc,
                     delay,
                 )
@@ -246,15 +305,4 @@ class InboundWorker:
 
 
 class _Stopping(Exception):
-    """The worker is stopping while waiting out an outage: hand the frame back."""
-
-
-async def _settle(operation: Any) -> None:
-    try:
-        await operation
-    except (
-        aio_pika.exceptions.ChannelInvalidStateError,
-        aio_pika.exceptions.AMQPError,
-        ConnectionError,
-    ) as exc:
-        logger.info("could not settle an inbound delivery (%s); the broker will redeliver it", exc)
+    """The worker is stopping while waiting out an outage: hand the frames back."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from notifications.models import InboundFrame, Message
-from notifications.services.messages import create_message
+from notifications.services.messages import new_message
 
 
 class InvalidPayload(ValueError):
@@ -48,6 +48,7 @@ class HandlerContext:
         return self._add(broadcast=True, event=event, payload=payload)
 
     def _add(self, **target: Any) -> Message:
-        message = create_message(source_inbound=self.frame, origin_instance=self.worker_id, **target)
+        # Stored with the frame's batch, in the same transaction, after the handler returns.
+        message = new_message(source_inbound=self.frame, origin_instance=self.worker_id, **target)
         self.messages.append(message)
         return message

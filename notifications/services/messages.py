@@ -15,7 +15,7 @@ from notifications.models import InboundFrame, Message
 logger = logging.getLogger(__name__)
 
 
-def create_message(
+def new_message(
     *,
     topic: str | None = None,
     user: AbstractBaseUser | None = None,
@@ -27,8 +27,8 @@ def create_message(
     source_inbound: InboundFrame | None = None,
     origin_instance: str = "",
 ) -> Message:
-    """Store a message as `accepted`: the record exists before anything reaches the broker."""
-    return Message.objects.create(
+    """A message record, `accepted`, not yet saved."""
+    return Message(
         topic=topic or None,
         user=user,
         **({"user_id": user_id} if user is None and user_id is not None else {}),
@@ -39,6 +39,13 @@ def create_message(
         source_inbound=source_inbound,
         origin_instance=origin_instance,
     )
+
+
+def create_message(**fields: Any) -> Message:
+    """Store a message as `accepted`: the record exists before anything reaches the broker."""
+    message = new_message(**fields)
+    message.save(force_insert=True)
+    return message
 
 
 def broker_body(message: Message) -> dict[str, Any]:
