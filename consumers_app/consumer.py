@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -41,6 +42,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     bridge: InstanceBridge
     connection_id: str
     user_id: int
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch without its thread hop per frame to close old database connections:
+        every database call here goes through database_sync_to_async, which does that itself."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         user = self.scope.get("user")

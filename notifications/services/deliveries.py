@@ -33,6 +33,8 @@ def _insert_deliveries(rows: list[DeliveryRow]) -> None:
         with transaction.atomic():
             if connection.vendor == "postgresql":
                 _copy(rows)
+            elif connection.vendor == "sqlite":
+                _sqlite_insert(rows)
             else:
                 _bulk_create(rows)
         return
@@ -54,6 +56,17 @@ def _copy(rows: list[DeliveryRow]) -> None:
         with cursor.cursor.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+
+def _sqlite_insert(rows: list[DeliveryRow]) -> None:
+    """One prepared statement for the whole batch (the ORM compiles every row's SQL by itself)."""
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    adapt = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"INSERT OR IGNORE INTO {table} ({', '.join(COLUMNS)}) VALUES (%s, %s, %s, %s, %s)",
+            [(m.hex, user, conn, instance, adapt(at)) for m, user, conn, instance, at in rows],
+        )
 
 
 def _bulk_create(rows: list[DeliveryRow]) -> None:
