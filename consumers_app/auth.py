@@ -5,7 +5,6 @@ from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
-from channels.middleware import BaseMiddleware
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -37,17 +36,24 @@ def user_for_ticket(ticket: str):
     return get_user_model().objects.filter(pk=data["u"], is_active=True).first()
 
 
-class TicketAuthMiddleware(BaseMiddleware):
-    """`?ticket=` overrides the session: a bad ticket means anonymous, so the handshake is refused."""
+class TicketOrSessionAuth:
+    """`?ticket=` authenticates on its own; without one, the session cookie does.
+
+    A ticket socket skips the cookie and session middleware altogether (less work and less
+    memory per socket); a bad ticket means anonymous, so the handshake is refused.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.with_session = AuthMiddlewareStack(inner)
 
     async def __call__(self, scope, receive, send):
         query = parse_qs(scope.get("query_string", b"").decode("latin1"))
         tickets = query.get("ticket")
-        if tickets:
-            scope = dict(scope)
-            user = await database_sync_to_async(user_for_ticket)(tickets[0])
-            scope["user"] = user or AnonymousUser()
-        return await super().__call__(scope, receive, send)
+        if not tickets:
+            return await self.with_session(scope, receive, send)
+        user = await database_sync_to_async(user_for_ticket)(tickets[0])
+        return await self.inner(dict(scope, user=user or AnonymousUser()), receive, send)
 
 
 class BrowserOriginValidator(OriginValidator):
@@ -64,7 +70,5 @@ class BrowserOriginValidator(OriginValidator):
 
 
 def protected(inner):
-    """Origin check, then session auth, then ticket auth, around the socket routes."""
-    return BrowserOriginValidator(
-        AuthMiddlewareStack(TicketAuthMiddleware(inner)), list(settings.ALLOWED_HOSTS)
-    )
+    """Origin check, then ticket or session authentication, around the socket routes."""
+    return BrowserOriginValidator(TicketOrSessionAuth(inner), list(settings.ALLOWED_HOSTS))
