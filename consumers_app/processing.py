@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from consumers_app.handlers.base import HandlerContext
@@ -63,6 +63,7 @@ class Work:
 
 def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
     """Run each frame's handler once unless it has already been processed; one commit for all."""
+    now = timezone.now()
     with transaction.atomic():
         frames = _locked_frames(batch)
         outcomes: list[Outcome] = []
@@ -75,13 +76,13 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
                 outcomes.append(Outcome(Verdict.SKIP, attempts=frame.attempts))
                 continue
             seen.add(work.frame_id)
-            outcome = _process_one(frame, work, worker_id)
+            outcome = _process_one(frame, work, worker_id, now)
             outcomes.append(outcome)
             if outcome.changed:
                 changed.append(frame)
                 replies.extend(outcome.replies)
         if changed:
-            InboundFrame.objects.bulk_update(changed, SAVED_FIELDS)
+            _save_frames(changed)
         if replies:
             Message.objects.bulk_create(replies)
     for frame in changed:
@@ -89,7 +90,7 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
     return outcomes
 
 
-def _process_one(frame: InboundFrame, work: Work, worker_id: str) -> Outcome:
+def _process_one(frame: InboundFrame, work: Work, worker_id: str, now) -> Outcome:
     if frame.status == InboundFrame.Status.PROCESSED:
         pending = list(frame.replies.filter(status=Message.Status.ACCEPTED))
         logger.info("inbound %s already processed by %s: skipped", frame.id, frame.processed_by)
@@ -105,16 +106,29 @@ def _process_one(frame: InboundFrame, work: Work, worker_id: str) -> Outcome:
     try:
         if handler is None:
             raise LookupError(f"no handler for event {frame.event!r} in this worker")
-        with transaction.atomic():
+        if handler.writes_to_database:
+            with transaction.atomic():
+                handler.handle(frame, context)
+        else:
             handler.handle(frame, context)
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception as exc:
-        return _failed(frame, exc)
+        return _failed(frame, exc, now)
     frame.status = InboundFrame.Status.PROCESSED
-    frame.processed_at = timezone.now()
+    frame.processed_at = now
     frame.error = ""
     return Outcome(Verdict.PROCESSED, replies=context.messages, attempts=frame.attempts, changed=True)
+
+
+def _save_frames(frames: list[InboundFrame]) -> None:
+    """One UPDATE per distinct outcome (usually one for the whole batch), not one per frame."""
+    groups: dict[tuple, list[uuid.UUID]] = {}
+    for frame in frames:
+        values = tuple(getattr(frame, name) for name in SAVED_FIELDS)
+        groups.setdefault(values, []).append(frame.id)
+    for values, ids in groups.items():
+        InboundFrame.objects.filter(id__in=ids).update(**dict(zip(SAVED_FIELDS, values, strict=True)))
 
 
 def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:
@@ -136,12 +150,12 @@ def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:
     return frames
 
 
-def _failed(frame: InboundFrame, exc: Exception) -> Outcome:
+def _failed(frame: InboundFrame, exc: Exception, now) -> Outcome:
     frame.error = f"{type(exc).__name__}: {exc}"[:2000]
     max_attempts = settings.RT_INBOUND_MAX_ATTEMPTS
     if frame.attempts >= max_attempts:
         frame.status = InboundFrame.Status.DEAD
-        frame.processed_at = timezone.now()
+        frame.processed_at = now
         verdict, delay = Verdict.DEAD, 0
     else:
         frame.status = InboundFrame.Status.FAILED
@@ -158,12 +172,18 @@ def mark_dead(frame_id: str, error: str) -> None:
 
 
 def mark_replies_published(replies: list[Message]) -> None:
-    """One update for a batch's replies, once the broker confirmed them all."""
+    """One update for a batch's replies, once the broker confirmed them all. They are durable in
+    the broker already, so the commit need not wait for the disk (at worst they stay `accepted`
+    and are published again on a redelivery; web instances drop the copy)."""
     published_at = {message.published_at for message in replies}
-    for when in published_at:
-        Message.objects.filter(id__in=[m.id for m in replies if m.published_at == when]).update(
-            status=Message.Status.PUBLISHED, published_at=when, error=""
-        )
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        for when in published_at:
+            Message.objects.filter(id__in=[m.id for m in replies if m.published_at == when]).update(
+                status=Message.Status.PUBLISHED, published_at=when, error=""
+            )
 
 
 def _test_crash_point(frame: InboundFrame) -> None:

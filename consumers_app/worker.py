@@ -167,6 +167,20 @@ class InboundWorker:
         for (message, item), outcome in zip(work, outcomes, strict=True):
             settles.append(self._settle(message, item, outcome))
         await asyncio.gather(*settles)
+        processed = [
+            item.frame_id
+            for (_, item), o in zip(work, outcomes, strict=True)
+            if o.changed and o.verdict is Verdict.PROCESSED
+        ]
+        if processed:
+            # One line per batch (a line per frame costs more than echoing it): the ids, in full.
+            logger.info(
+                "%s: %d inbound processed by %s: %s",
+                self.queue_name,
+                len(processed),
+                self.worker_id,
+                " ".join(processed),
+            )
 
     async def _decode(self, message: AbstractIncomingMessage) -> Work | None:
         try:
@@ -193,7 +207,7 @@ class InboundWorker:
         if outcome.verdict is Verdict.PROCESSED:
             if outcome.changed:
                 metrics.inbound_processed.inc()
-                logger.info(
+                logger.debug(
                     "%s: inbound %s (%s) processed by %s",
                     self.queue_name,
                     item.frame_id,

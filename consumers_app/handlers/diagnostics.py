@@ -17,12 +17,16 @@ class DiagnosticFailure(RuntimeError):
 class FailHandler(InboundHandler):
     """Always raises, so the frame is retried, then dead-lettered."""
 
+    writes_to_database = False
+
     def handle(self, frame: InboundFrame, context: HandlerContext) -> None:
         raise DiagnosticFailure("diag.fail always fails")
 
 
 class SleepHandler(InboundHandler):
     """Waits `ms` milliseconds, then echoes: a slow frame, to kill a worker in the middle of."""
+
+    writes_to_database = False
 
     def validate(self, payload: Any) -> None:
         ms = payload.get("ms") if isinstance(payload, dict) else None

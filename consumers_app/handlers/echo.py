@@ -7,6 +7,8 @@ from notifications.models import InboundFrame
 
 
 class EchoHandler(InboundHandler):
+    writes_to_database = False
+
     def handle(self, frame: InboundFrame, context: HandlerContext) -> None:
         context.reply("echo", echo_payload(frame, frame.payload))
 
