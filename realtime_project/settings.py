@@ -118,6 +118,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
     # Requests run on short-lived threads under ASGI, so per-thread persistent connections
     # leak; psycopg's pool shares a bounded set of connections across all threads instead.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The pool replaces broken connections itself; Django's check would add a query per checkout.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env_int("RT_DB_POOL_SIZE", 10),
