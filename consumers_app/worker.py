@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 # Frames one lane processes in one transaction at most. Larger batches commit less often, but a
 # slow handler holds up the rest of its batch.
-BATCH_SIZE = 16
+BATCH_SIZE = 8
 # Longest wait between two tries while the database or broker is down.
 INFRA_BACKOFF_MAX = 30.0
 # Seconds a stopping worker lets in-flight frames finish before handing them back.
