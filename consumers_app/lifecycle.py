@@ -7,6 +7,8 @@ the broker connection, then stop Daphne; all within RT_DRAIN_SECONDS.
 
 import asyncio
 import logging
+import os
+import threading
 
 from django.conf import settings
 
@@ -47,6 +49,11 @@ async def drain_and_stop() -> None:
         logger.exception("drain failed; stopping anyway")
     from twisted.internet import reactor
 
+    # A request thread still blocked on the stopped loop would keep the process alive: the
+    # drain's bound holds whatever happens after this point.
+    deadline = threading.Timer(settings.RT_DRAIN_SECONDS, os._exit, args=(0,))
+    deadline.daemon = True
+    deadline.start()
     reactor.stop()
 
 

@@ -16,10 +16,17 @@ async def readyz(request: HttpRequest) -> JsonResponse:
     """200 once connected to RabbitMQ; 503 before, during an outage, and while draining."""
     bridge = ensure_bridge()
     if lifecycle.draining:
-        return JsonResponse({"status": "draining", "instance": bridge.instance_id}, status=503)
+        return not_ready("draining", bridge.instance_id)
     if not bridge.ready:
-        return JsonResponse({"status": "waiting for RabbitMQ", "instance": bridge.instance_id}, status=503)
+        return not_ready("waiting for RabbitMQ", bridge.instance_id)
     return JsonResponse({"status": "ready", "instance": bridge.instance_id})
+
+
+def not_ready(why: str, instance: str) -> JsonResponse:
+    response = JsonResponse({"status": why, "instance": instance}, status=503)
+    # An expected answer, polled every few seconds: not an error for django.request to log.
+    response._has_been_logged = True
+    return response
 
 
 def metrics(request: HttpRequest) -> HttpResponse:

@@ -1,0 +1,541 @@
+"""Shared pieces of the benchmarks: processes, databases, users, broker cleanup, statistics.
+
+The orchestrating process never imports Django: the servers, the workers and the one-off
+management commands run as subprocesses with the benchmark's environment, exactly as a
+deployment would run them.
+"""
+
+import asyncio
+import json
+import math
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+LOGS = BENCH / "logs"
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+DEFAULT_PG_URL = "postgres://postgres@127.0.0.1:5432/rt_bench"
+# Every phase of every benchmark ends by this many seconds, whatever happens.
+PHASE_TIMEOUT = 120.0
+START_TIMEOUT = 45.0
+PROJECT_APP = "realtime_project.asgi:application"
+BASELINE_APP = "bench.baseline.asgi:application"
+EXIT_VIOLATION = 3
+# One secret for every process this benchmark starts: a ticket from one instance is valid on the other.
+SECRET_KEY = "bench-" + secrets.token_hex(24)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft limit on open files (inherited by every process started after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log(f"could not raise the open-files limit to {target}: {exc}")
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def proc_status(pid: int, name: str) -> int | None:
+    """A number from /proc/<pid>/status (VmRSS is in KiB)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_kib(pid: int) -> int | None:
+    return proc_status(pid, "VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(procs: list["Proc"]) -> float:
+    return sum(cpu_seconds(p.pid) for p in procs if p.process is not None)
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A server or worker process of the benchmark, logging to bench/logs/."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int | None = None
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self) -> "Proc":
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS / f"{self.env.get('BENCH_RUN', 'run')}-{self.name}.log"
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def wait_log(self, needle: str, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+            if self.log_path and needle in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name}: no {needle!r} in its log after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` seconds (this process only, by its pid)."""
+        if self.process is None:
+            return None
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout:.0f}s: SIGKILL")
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_problems(self, limit: int = 8) -> dict[str, Any]:
+        """Count WARNING/ERROR/Traceback lines of the log, with a few examples."""
+        if self.log_path is None or not self.log_path.exists():
+            return {"count": 0, "examples": []}
+        bad = [
+            line
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if (" WARNING " in line or " ERROR " in line or "Traceback" in line or " CRITICAL " in line)
+            # Django logs each 503 of /readyz (polled while the instance connects) as an ERROR.
+            and "Service Unavailable: /readyz" not in line
+        ]
+        return {"count": len(bad), "examples": bad[:limit]}
+
+
+def base_env() -> dict[str, str]:
+    """The environment without this shell's deployment settings."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RT_", "DJANGO_", "PYTEST_", "BASELINE_")) and key != "DATABASE_URL"
+    } | {"PYTHONUNBUFFERED": "1"}
+
+
+def project_env(database_url: str, namespace: str, run_id: str, **extra: str) -> dict[str, str]:
+    env = base_env() | {
+        "DJANGO_SETTINGS_MODULE": "realtime_project.settings",
+        # Production settings (no DEBUG), as a deployment would run.
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": SECRET_KEY,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DATABASE_URL": database_url,
+        "AMQP_URL": AMQP_URL,
+        "RT_NAMESPACE": namespace,
+        "RT_INSTANCE_QUEUE_EXPIRES_MS": "60000",
+        "BENCH_RUN": run_id,
+    }
+    env.update(extra)
+    return env
+
+
+def baseline_env(prefix: str, run_id: str, **extra: str) -> dict[str, str]:
+    env = base_env() | {
+        "DJANGO_SETTINGS_MODULE": "bench.baseline.settings",
+        "BASELINE_PREFIX": prefix,
+        "BASELINE_REDIS_URL": REDIS_URL,
+        "BENCH_RUN": run_id,
+    }
+    env.update(extra)
+    return env
+
+
+def daphne(name: str, env: dict[str, str], app: str) -> Proc:
+    port = free_port()
+    argv = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), app]
+    return Proc(name, argv, env, port=port).start()
+
+
+def manage(env: dict[str, str], *args: str, timeout: float = PHASE_TIMEOUT) -> str:
+    result = subprocess.run(
+        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def stop_all(procs: list[Proc]) -> None:
+    """Stop every process, the others too when one of them fails to stop."""
+    for proc in procs:
+        try:
+            proc.stop()
+        except Exception as exc:
+            log(f"stopping {proc.name}: {exc}")
+
+
+# --- databases ----------------------------------------------------------------------------
+
+
+@dataclass
+class BenchDatabase:
+    """A database made for one benchmark invocation and dropped afterwards."""
+
+    url: str
+    kind: str
+    tmpdir: str | None = None
+    keep: bool = False
+
+    @classmethod
+    def create(cls, database_url: str | None, keep: bool = False) -> "BenchDatabase":
+        if not database_url or database_url.startswith("sqlite"):
+            tmpdir = tempfile.mkdtemp(prefix="rt-bench-")
+            return cls(f"sqlite:///{tmpdir}/bench.sqlite3", "sqlite", tmpdir=tmpdir, keep=keep)
+        name = _pg_name(database_url)
+        if "bench" not in name:
+            raise SystemExit(
+                f"refusing to drop and re-create {name!r}: a benchmark database name contains 'bench'"
+            )
+        _pg_admin(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _pg_admin(database_url, f'CREATE DATABASE "{name}"')
+        return cls(database_url, "postgresql", keep=keep)
+
+    def drop(self) -> None:
+        if self.keep:
+            log(f"kept the database {self.url}")
+            return
+        if self.kind == "sqlite" and self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        elif self.kind == "postgresql":
+            try:
+                _pg_admin(self.url, f'DROP DATABASE IF EXISTS "{_pg_name(self.url)}" WITH (FORCE)')
+            except Exception as exc:
+                log(f"could not drop {self.url}: {exc}")
+
+
+def _pg_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def _pg_admin(url: str, sql: str) -> None:
+    import psycopg
+
+    parts = urlsplit(url)
+    admin = urlunsplit(("postgresql", parts.netloc, "/postgres", parts.query, ""))
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql)
+
+
+def postgres_reachable(url: str) -> bool:
+    try:
+        _pg_admin(url, "SELECT 1")
+    except Exception:
+        return False
+    return True
+
+
+USERS_SCRIPT = """
+import json, os
+from django.contrib.auth.models import Permission, User
+from rest_framework.authtoken.models import Token
+spec = json.loads(os.environ["BENCH_USERS"])
+names = [spec["publisher"]] + [f"{spec['prefix']}{i}" for i in range(spec["listeners"])]
+User.objects.bulk_create([User(username=n, password="!") for n in names], batch_size=500)
+users = {u.username: u for u in User.objects.filter(username__in=names)}
+users[spec["publisher"]].user_permissions.add(Permission.objects.get(codename="add_message"))
+Token.objects.bulk_create([Token(key=Token.generate_key(), user=users[n]) for n in names], batch_size=500)
+keys = dict(Token.objects.filter(user__username__in=names).values_list("user__username", "key"))
+with open(os.environ["BENCH_USERS_OUT"], "w") as out:
+    json.dump({"publisher": keys[spec["publisher"]], "listeners": [[n, keys[n]] for n in names[1:]]}, out)
+"""
+
+
+def prepare_project_database(db: BenchDatabase, listeners: int) -> dict[str, Any]:
+    """Migrate, then create the publisher (notifications.add_message) and `listeners` users."""
+    env = project_env(db.url, "bench-setup", "setup")
+    started = time.monotonic()
+    manage(env, "migrate", "--noinput", timeout=300)
+    log(f"migrated {db.kind} database in {time.monotonic() - started:.1f}s")
+    out = tempfile.NamedTemporaryFile(prefix="rt-bench-users-", suffix=".json", delete=False)
+    out.close()
+    try:
+        env = env | {
+            "BENCH_USERS": json.dumps(
+                {"publisher": "bench-publisher", "prefix": "bench-l", "listeners": listeners}
+            ),
+            "BENCH_USERS_OUT": out.name,
+        }
+        manage(env, "shell", "-c", USERS_SCRIPT)
+        return json.loads(Path(out.name).read_text())
+    finally:
+        os.unlink(out.name)
+
+
+def baseline_users(listeners: int) -> dict[str, Any]:
+    """The baseline has no authentication: names only, for the same client code."""
+    return {"publisher": None, "listeners": [[f"bench-l{i}", None] for i in range(listeners)]}
+
+
+# --- broker and redis cleanup -------------------------------------------------------------
+
+
+def delete_namespace(env: dict[str, str], instance_ids: list[str]) -> None:
+    """Delete the queues and exchange of a run (tests/support/broker.py, in a subprocess)."""
+    code = (
+        "from tests.support.broker import delete_namespace_sync\n"
+        f"delete_namespace_sync({env['RT_NAMESPACE']!r}, {instance_ids!r})\n"
+    )
+    try:
+        manage(env, "shell", "-c", code, timeout=60)
+    except Exception as exc:
+        log(f"could not delete namespace {env['RT_NAMESPACE']}: {exc}")
+
+
+def delete_redis_prefix(prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        return len(keys)
+    finally:
+        client.close()
+
+
+async def queue_consumers(name: str) -> int:
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        return queue.declaration_result.consumer_count
+    finally:
+        await connection.close()
+
+
+def wait_consumers(queue: str, count: int, procs: list[Proc], timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited early:\n{proc.log_tail()}")
+        if asyncio.run(queue_consumers(queue)) >= count:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"fewer than {count} consumers on {queue} after {timeout:.0f}s")
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+@dataclass
+class Report:
+    """The runs of one benchmark configuration and their summary (median, min, max)."""
+
+    bench: str
+    params: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        keys: list[str] = []
+        for run in self.runs:
+            for key, value in run.get("metrics", {}).items():
+                if isinstance(value, (int, float)) and key not in keys:
+                    keys.append(key)
+        out = {}
+        for key in keys:
+            values = [
+                run["metrics"][key] for run in self.runs if isinstance(run["metrics"].get(key), (int, float))
+            ]
+            if values:
+                out[key] = {
+                    "median": round(statistics.median(values), 3),
+                    "min": round(min(values), 3),
+                    "max": round(max(values), 3),
+                }
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "bench": self.bench,
+            "params": self.params,
+            "machine": machine(),
+            "summary": self.summary(),
+            "violations": self.violations,
+            "runs": self.runs,
+        }
+
+    def print(self, labels: dict[str, str]) -> None:
+        summary = self.summary()
+        params = " ".join(f"{k}={v}" for k, v in self.params.items())
+        print(f"\n== {self.bench}  {params}")
+        print(f"   runs: {len(self.runs)} (median, then min-max over the runs)")
+        for key, label in labels.items():
+            if key not in summary:
+                continue
+            s = summary[key]
+            spread = "" if len(self.runs) < 2 else f"   ({_fmt(s['min'])} - {_fmt(s['max'])})"
+            print(f"   {label:<44} {_fmt(s['median']):>12}{spread}")
+        for i, run in enumerate(self.runs, 1):
+            for note in run.get("notes", []):
+                print(f"   run {i}: {note}")
+        if self.violations:
+            bar = "!" * 78
+            print(f"\n{bar}")
+            for violation in self.violations:
+                print(f"!!! {violation}")
+            print(bar)
+            sys.stdout.flush()
+            print(f"{bar}\n!!! " + "\n!!! ".join(self.violations) + f"\n{bar}", file=sys.stderr)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:,.2f}"
+    return f"{int(value):,}"
+
+
+def emit(report: Report, labels: dict[str, str], as_json: bool, json_out: str | None) -> int:
+    data = report.as_json()
+    if json_out:
+        Path(json_out).write_text(json.dumps(data, indent=2))
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        report.print(labels)
+    return EXIT_VIOLATION if report.violations else 0
+
+
+def new_run_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
