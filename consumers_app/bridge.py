@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from consumers_app.inbound_recorder import InboundRecorder
 from consumers_app.registry import Socket, SocketRegistry
+from consumers_app.transport import text_frame
 from notifications import broker, metrics
 from notifications.broker import BrokerUnavailable
 from notifications.delivery_log import DeliveryLogWriter
@@ -160,11 +161,12 @@ class InstanceBridge:
                 "published_at": body.get("published_at"),
             }
         )
+        wire = text_frame(frame)
         now = timezone.now()
         delivered = 0
         for socket in self.registry.targets(body):
             try:
-                ok = socket.deliver(frame)
+                ok = socket.deliver(frame, wire)
             except Exception:
                 logger.exception("delivery to %s failed", getattr(socket, "connection_id", "?"))
                 ok = False

@@ -18,7 +18,7 @@ from consumers_app.bridge import InstanceBridge, ensure_bridge
 from consumers_app.handlers.base import InvalidPayload
 from consumers_app.handlers.registry import get_handler
 from consumers_app.ratelimit import TokenBucket
-from consumers_app.transport import close_with_code, daphne_protocol, unsent_bytes
+from consumers_app.transport import close_with_code, daphne_protocol, text_frame, unsent_bytes, write_frame
 from notifications import metrics
 from notifications.broker import BrokerUnavailable
 from notifications.services import inbound as inbound_service
@@ -92,15 +92,17 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     # --- outbound ----------------------------------------------------------------------
 
-    def deliver(self, frame: bytes) -> bool:
-        """Hand one encoded frame to this socket now (called by the bridge; never blocks)."""
+    def deliver(self, frame: bytes, wire: bytes | None = None) -> bool:
+        """Hand one encoded frame to this socket now (called by the bridge; never blocks).
+
+        `wire` is the frame already framed for the WebSocket, shared by all sockets of a message.
+        """
         if self.closing:
             return False
         protocol = self.protocol
         if protocol is not None:
-            if protocol.state != protocol.STATE_OPEN:
+            if not write_frame(protocol, wire or text_frame(frame)):
                 return False
-            protocol.sendMessage(frame, False)
             if unsent_bytes(protocol) > self.buffer_limit:
                 self.close_slow_reader(f"{unsent_bytes(protocol)} bytes unread")
             return True

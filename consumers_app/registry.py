@@ -9,7 +9,7 @@ class Socket(Protocol):
     connection_id: str
     user_id: int
 
-    def deliver(self, frame: bytes) -> bool: ...
+    def deliver(self, frame: bytes, wire: bytes | None = None) -> bool: ...
 
 
 class SocketRegistry:

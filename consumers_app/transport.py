@@ -4,12 +4,16 @@ Daphne's ASGI `send` is `partial(server.handle_reply, protocol)` (wrapped by Cha
 middleware), so its WebSocket protocol and Twisted transport are reachable. Two things need them:
 - backpressure: Daphne buffers whatever is sent, without limit, for a client that stops reading;
   the transport's write buffer tells how much is waiting;
+- fan-out: a server's frames are not masked, so one message's WebSocket frame is the same bytes
+  for every socket; building it once and writing it to each transport skips Autobahn's framing
+  per socket (a third of the fan-out's time);
 - close codes: Daphne (through Autobahn) only lets applications close with 1000 or 3000-4999,
   but 1001 "going away" and 1013 "try again later" are the codes clients act on.
 Under another server, or WebsocketCommunicator in tests, neither is reachable and the consumer
 falls back to plain ASGI (no backlog check; the close code passed through as is).
 """
 
+import struct
 from typing import Any
 
 
@@ -37,3 +41,23 @@ def unsent_bytes(protocol: Any) -> int:
 def close_with_code(protocol: Any, code: int, reason: str) -> None:
     """Start the closing handshake with any RFC 6455 code (Autobahn drops the peer if it never answers)."""
     protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked RFC 6455 text frame carrying `payload` (UTF-8)."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
+
+
+def write_frame(protocol: Any, frame: bytes) -> bool:
+    """Write a ready-made frame to an open socket; False if it is no longer open."""
+    if protocol.state != protocol.STATE_OPEN:
+        return False
+    protocol.transport.write(frame)
+    return True

@@ -194,3 +194,19 @@ async def test_an_instance_without_a_broker_answers_503_quickly_and_is_not_ready
         answer = await bob.request({"type": "send", "ref": "r1", "event": "echo", "payload": 1}, "receipt")
         assert (answer["type"], answer["code"], answer["ref"]) == ("error", "unavailable", "r1")
         await bob.close()
+
+
+async def test_frames_of_every_length_class_arrive_intact(two_webs, users):
+    """Fan-out frames are built once per message: short, 16-bit and 64-bit lengths all parse."""
+    web_a, web_b = two_webs
+    async with httpx.AsyncClient(timeout=20) as http:
+        bob = await open_socket(http, web_b, users["bob"])
+        sizes = [1, 200, 65_000]  # frame lengths < 126, < 65536 and >= 65536 with the envelope
+        for size in sizes:
+            await publish(
+                http, web_a, users["alice"], {"user": "bob", "event": "size", "payload": "x" * size}
+            )
+        await bob.wait_for(lambda s: len(s.messages) == len(sizes), what="three sizes")
+        assert [len(m["payload"]) for m in bob.messages] == sizes
+        assert (await bob.request({"type": "ping"}, "pong"))["type"] == "pong"
+        await bob.close()
