@@ -19,7 +19,7 @@ django_http = get_asgi_application()
 
 from consumers_app.auth import protected  # noqa: E402
 from consumers_app.bridge import ensure_bridge  # noqa: E402
-from consumers_app.lifecycle import install_drain_handler  # noqa: E402
+from consumers_app.lifecycle import install_drain_handler, tune_garbage_collector  # noqa: E402
 from consumers_app.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -49,3 +49,4 @@ if _daphne is not None and "daphne" in os.path.basename(sys.argv[0]):
     # Under the daphne command: connect to RabbitMQ at start, not at the first request.
     _daphne.twisted_loop.call_soon(ensure_bridge)
     install_drain_handler(_daphne.twisted_loop)
+    tune_garbage_collector()
