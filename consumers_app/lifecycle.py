@@ -6,7 +6,6 @@ the broker connection, then stop Daphne; all within RT_DRAIN_SECONDS.
 """
 
 import asyncio
-import gc
 import logging
 import os
 import threading
@@ -21,20 +20,6 @@ CLOSE_GOING_AWAY = 1001
 # How long the drain waits for clients to complete the close handshake.
 CLOSE_HANDSHAKE_SECONDS = 3.0
 draining = False
-
-
-# Allocations between two young-generation collections. A web instance holds thousands of
-# long-lived socket objects; with Python's default (700) the collector runs constantly and its
-# full passes over them show up as pauses in delivery latency.
-GC_THRESHOLD_YOUNG = 50_000
-
-
-def tune_garbage_collector() -> None:
-    """Move what the process loaded at start out of the collector's way, and collect less often."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD_YOUNG, middle, old)
 
 
 def install_drain_handler(loop: asyncio.AbstractEventLoop) -> None:

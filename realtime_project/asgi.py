@@ -19,8 +19,9 @@ django_http = get_asgi_application()
 
 from consumers_app.auth import protected  # noqa: E402
 from consumers_app.bridge import ensure_bridge  # noqa: E402
-from consumers_app.lifecycle import install_drain_handler, tune_garbage_collector  # noqa: E402
+from consumers_app.lifecycle import install_drain_handler  # noqa: E402
 from consumers_app.routing import websocket_urlpatterns  # noqa: E402
+from realtime_project.gc_tuning import tune_garbage_collector  # noqa: E402
 
 
 class StartBridge:

@@ -5,6 +5,7 @@ import asyncio
 from django.core.management.base import BaseCommand, CommandError
 
 from consumers_app.worker import InboundWorker
+from realtime_project.gc_tuning import tune_garbage_collector
 
 
 class Command(BaseCommand):
@@ -21,6 +22,7 @@ class Command(BaseCommand):
     def handle(self, *args, concurrency: int, **options):
         if concurrency < 1 or concurrency > 256:
             raise CommandError("--concurrency must be between 1 and 256")
+        tune_garbage_collector()
         asyncio.run(self._run(concurrency))
 
     async def _run(self, concurrency: int) -> None:
