@@ -21,10 +21,6 @@ def get_handler(event: str) -> InboundHandler | None:
     return _handlers().get(event)
 
 
-def known_events() -> list[str]:
-    return sorted(_handlers())
-
-
 def reset() -> None:
     """Forget loaded handlers (settings changed, in tests)."""
     _handlers.cache_clear()

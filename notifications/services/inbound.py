@@ -17,13 +17,6 @@ def new_inbound(
     )
 
 
-def record_inbound(**fields: Any) -> InboundFrame:
-    """Store one frame's record at once (scripts, tests; sockets use batches)."""
-    frame = new_inbound(**fields)
-    frame.save(force_insert=True)
-    return frame
-
-
 def record_inbound_batch(frames: list[InboundFrame]) -> None:
     """Store the records of many frames in one insert and one commit."""
     with transaction.atomic():
