@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobu
 from django.conf import settings
 from django.utils import timezone
 
-from consumers_app.inbound_recorder import InboundRecorder
+from consumers_app.inbound_submitter import InboundSubmitter
 from consumers_app.registry import Socket, SocketRegistry
 from consumers_app.transport import text_frame
 from notifications import broker, metrics
@@ -40,7 +40,7 @@ class InstanceBridge:
         self.topology = broker.current_topology()
         self.registry = SocketRegistry()
         self.log = DeliveryLogWriter(self.instance_id)
-        self.inbound = InboundRecorder()
+        self.inbound = InboundSubmitter(self.publish_inbound)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connection: AbstractRobustConnection | None = None
         self._broadcast: AbstractExchange | None = None
@@ -136,18 +136,23 @@ class InstanceBridge:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # Everything up to the ack runs without yielding, so messages reach sockets in queue order.
         try:
-            body = broker.decode(message.body)
-            message_id = str(body["id"])
-            parsed_id = uuid.UUID(message_id)
-        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            bodies = broker.unpack(broker.decode(message.body), broker.MESSAGES)
+        except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
             logger.error("dropping a malformed message from %s: %s", self.topology.broadcast_exchange, exc)
             await broker.settle(message.reject(requeue=False), "a broadcast message")
             return
-        metrics.messages_received.inc()
-        if self._seen(message_id):
-            metrics.messages_duplicate.inc()
-        else:
-            self.dispatch(body, parsed_id)
+        for body in bodies:
+            try:
+                message_id = str(body["id"])
+                parsed_id = uuid.UUID(message_id)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("dropping a malformed message in %s: %s", message.message_id, exc)
+                continue
+            metrics.messages_received.inc()
+            if self._seen(message_id):
+                metrics.messages_duplicate.inc()
+            else:
+                self.dispatch(body, parsed_id)
         await broker.settle(message.ack(), "a broadcast message")
 
     def dispatch(self, body: dict[str, Any], message_id: uuid.UUID) -> int:

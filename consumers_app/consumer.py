@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, DataError
 from django.utils import timezone
 
 from consumers_app import lifecycle
@@ -22,6 +23,7 @@ from consumers_app.transport import close_with_code, daphne_protocol, text_frame
 from notifications import metrics
 from notifications.broker import BrokerUnavailable
 from notifications.services import inbound as inbound_service
+from notifications.services.payloads import NUL_RULE, has_nul
 from notifications.services.topics import TOPIC_RULE, can_subscribe, is_valid_topic_name
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     bridge: InstanceBridge
     connection_id: str
     user_id: int
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Channels' consumer loop without its task and `asyncio.wait` per frame: this consumer
+        reads the socket alone (the bridge, not a channel layer, brings it messages)."""
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch without its thread hop per frame to close old database connections:
@@ -213,13 +227,16 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise FrameError("unknown_type", f"no handler for event {event[:50]!r}")
         payload = frame.get("payload")
-        if len(orjson.dumps(payload)) > settings.RT_MAX_PAYLOAD_BYTES:
+        encoded = orjson.dumps(payload)
+        if len(encoded) > settings.RT_MAX_PAYLOAD_BYTES:
             raise FrameError("too_large", f"payloads are limited to {settings.RT_MAX_PAYLOAD_BYTES} bytes")
+        if has_nul(payload, encoded):
+            raise FrameError("invalid", NUL_RULE)
         try:
             handler.validate(payload)
         except InvalidPayload as exc:
             raise FrameError("invalid", str(exc)) from None
-        record = inbound_service.new_inbound(
+        record = inbound_service.NewInbound(
             user_id=self.user_id,
             event=event,
             payload=payload,
@@ -228,16 +245,14 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             instance=self.bridge.instance_id,
         )
         try:
-            await self.bridge.inbound.record(record)
+            await self.bridge.inbound.submit(record)
+        except DataError:
+            raise FrameError("invalid", "the database cannot store this frame") from None
         except DatabaseError:
             raise FrameError(
                 "unavailable", "the database is unavailable; nothing was queued, retry later"
             ) from None
-        try:
-            await self.bridge.publish_inbound(inbound_service.queue_body(record), str(record.id))
-        except BrokerUnavailable as exc:
-            logger.warning("inbound %s from %s not queued: %s", record.id, self.connection_id, exc)
-            await database_sync_to_async(inbound_service.mark_unqueued)(record, str(exc))
+        except BrokerUnavailable:
             raise FrameError(
                 "unavailable", "the message broker is unavailable; nothing was queued, retry later"
             ) from None

@@ -23,6 +23,7 @@ from django.utils import timezone
 from consumers_app.handlers.base import HandlerContext
 from consumers_app.handlers.registry import get_handler
 from notifications.models import InboundFrame, Message
+from notifications.services.messages import store_messages
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
         if changed:
             _save_frames(changed)
         if replies:
-            Message.objects.bulk_create(replies)
+            store_messages(replies)
     for frame in changed:
         _test_crash_point(frame)
     return outcomes

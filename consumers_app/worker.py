@@ -5,15 +5,21 @@ publishes the replies, and settles each delivery. Handler errors are retried thr
 queues, then dead-lettered; errors of the infrastructure (database, broker) are waited out with
 backoff while the frames stay unacked, so they never spend a frame's attempts.
 
-`--concurrency N` gives N lanes; each lane takes whatever frames are waiting (up to BATCH_SIZE)
-and processes them in one transaction in its own thread. Under load that makes one commit per
-batch rather than several per frame; a lone frame still goes alone, at once.
+A broker message holds one frame or several (`broker.pack`: a busy web instance queues the
+frames that arrived together as one message). `--concurrency N` gives N lanes; each lane takes
+whatever messages are waiting (up to BATCH_MESSAGES) and processes all their frames in one
+transaction in its own thread, then publishes all their replies together. Under load that makes
+one commit and one broker message per batch rather than several per frame; a lone frame still
+goes alone, at once. A message of several frames that comes back (its worker died or stopped)
+is split into one message per frame, so a frame that kills its worker takes no other down with
+it and is dead-lettered on its own.
 """
 
 import asyncio
 import contextlib
 import logging
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -41,9 +47,13 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Frames one lane processes in one transaction at most. Larger batches commit less often, but a
-# slow handler holds up the rest of its batch.
-BATCH_SIZE = 8
+# Broker messages one lane processes in one transaction at most. Larger batches commit less
+# often, but a slow handler holds up the rest of its batch.
+BATCH_MESSAGES = 8
+# Replies per broker message at most (they are published together, see `broker.pack`).
+REPLIES_PER_MESSAGE = 64
+# Header of a frame split out of a redelivered message: the redeliveries it had as part of it.
+REDELIVERIES_HEADER = "x-rt-redeliveries"
 # Longest wait between two tries while the database or broker is down.
 INFRA_BACKOFF_MAX = 30.0
 # Seconds a stopping worker lets in-flight frames finish before handing them back.
@@ -87,7 +97,7 @@ class InboundWorker:
             consume = await self.connection.channel()
             # A full batch per lane: frames beyond that wait in the queue, where another worker
             # can take them, rather than in this worker's memory.
-            await consume.set_qos(prefetch_count=self.concurrency * BATCH_SIZE)
+            await consume.set_qos(prefetch_count=self.concurrency * BATCH_MESSAGES)
             queue = await broker.declare_inbound(consume, self.topology)
             lanes = [asyncio.create_task(self._lane(), name=f"lane-{n}") for n in range(self.concurrency)]
             tag = await queue.consume(self._on_message)
@@ -133,13 +143,14 @@ class InboundWorker:
                 getter.cancel()
                 return
             batch = [getter.result()]
-            while len(batch) < BATCH_SIZE and not self.waiting.empty():
+            while len(batch) < BATCH_MESSAGES and not self.waiting.empty():
                 batch.append(self.waiting.get_nowait())
             try:
                 await self._handle(batch)
             except _Stopping:
-                logger.info("%s: %d frames handed back (worker stopping)", self.queue_name, len(batch))
-                for message in batch:
+                unsettled = [message for message in batch if not message.processed]
+                logger.info("%s: %d messages handed back (worker stopping)", self.queue_name, len(unsettled))
+                for message in unsettled:
                     await broker.settle(message.nack(requeue=True), "an inbound delivery")
                 return
             except Exception:
@@ -147,16 +158,17 @@ class InboundWorker:
                 logger.exception("%s: batch of %d frames failed", self.queue_name, len(batch))
 
     async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
-        work: list[tuple[AbstractIncomingMessage, Work]] = []
+        deliveries: list[tuple[AbstractIncomingMessage, list[Work]]] = []
         for message in messages:
-            item = await self._decode(message)
-            if item is not None:
-                work.append((message, item))
+            items = await self._decode(message)
+            if items:
+                deliveries.append((message, items))
+        work = [item for _, items in deliveries for item in items]
         if not work:
             return
-        ids = ", ".join(item.frame_id for _, item in work[:3]) + (" …" if len(work) > 3 else "")
+        ids = ", ".join(item.frame_id for item in work[:3]) + (" …" if len(work) > 3 else "")
         outcomes: list[Outcome] = await self._until_infra_recovers(
-            "processing", ids, lambda: process_batch([item for _, item in work], self.worker_id)
+            "processing", ids, lambda: process_batch(work, self.worker_id)
         )
         replies = [
             reply for outcome in outcomes if outcome.verdict is Verdict.PROCESSED for reply in outcome.replies
@@ -164,15 +176,17 @@ class InboundWorker:
         if replies:
             await self._publish_replies(ids, replies)
         settles: list[Awaitable[None]] = []
-        for (message, item), outcome in zip(work, outcomes, strict=True):
-            settles.append(self._settle(message, item, outcome))
+        remaining = iter(outcomes)
+        for message, items in deliveries:
+            settles.append(self._settle(message, items, [next(remaining) for _ in items]))
         await asyncio.gather(*settles)
         processed = [
             item.frame_id
-            for (_, item), o in zip(work, outcomes, strict=True)
+            for item, o in zip(work, outcomes, strict=True)
             if o.changed and o.verdict is Verdict.PROCESSED
         ]
         if processed:
+            metrics.inbound_processed.inc(len(processed))
             # One line per batch (a line per frame costs more than echoing it): the ids, in full.
             logger.info(
                 "%s: %d inbound processed by %s: %s",
@@ -182,39 +196,63 @@ class InboundWorker:
                 " ".join(processed),
             )
 
-    async def _decode(self, message: AbstractIncomingMessage) -> Work | None:
+    async def _decode(self, message: AbstractIncomingMessage) -> list[Work] | None:
+        """The frames of a message; None if it was settled here (undecodable, split, poison)."""
+        headers = message.headers or {}
         try:
-            body = broker.decode(message.body)
-            frame_id = str(body["id"])
+            bodies = broker.unpack(broker.decode(message.body), broker.FRAMES)
+            work = [Work(frame_id=str(body["id"]), body=body) for body in bodies]
+            redeliveries = int(headers.get("x-delivery-count") or 0)
+            earlier = int(headers.get(REDELIVERIES_HEADER) or 0)
         except (ValueError, KeyError, TypeError) as exc:
             logger.error(
                 "%s: undecodable message %s dead-lettered: %s", self.queue_name, message.message_id, exc
             )
             await broker.settle(message.reject(requeue=False), "an inbound delivery")
             return None
-        redeliveries = int((message.headers or {}).get("x-delivery-count") or 0)
-        if redeliveries >= POISON_REDELIVERIES:
-            error = f"redelivered {redeliveries} times: its workers died while processing it"
-            logger.error("%s: inbound %s dead-lettered: %s", self.queue_name, frame_id, error)
-            await self._until_infra_recovers("mark dead", frame_id, lambda: mark_dead(frame_id, error))
-            metrics.inbound_dead.inc()
-            await broker.settle(message.reject(requeue=False), "an inbound delivery")
+        if redeliveries and len(work) > 1:
+            await self._split(message, work, redeliveries + earlier)
             return None
-        return Work(frame_id=frame_id, body=body, redeliveries=redeliveries)
+        for item in work:
+            item.redeliveries = redeliveries + earlier
+        if work[0].redeliveries >= POISON_REDELIVERIES:
+            (item,) = work
+            error = f"redelivered {item.redeliveries} times: its workers died while processing it"
+            logger.error("%s: inbound %s dead-lettered: %s", self.queue_name, item.frame_id, error)
+            await self._until_infra_recovers(
+                "mark dead", item.frame_id, lambda: mark_dead(item.frame_id, error)
+            )
+            metrics.inbound_dead.inc()
+            await self._dead_letter(item, error, item.redeliveries)
+            await broker.settle(message.ack(), "an inbound delivery")
+            return None
+        return work
 
-    async def _settle(self, message: AbstractIncomingMessage, item: Work, outcome: Outcome) -> None:
+    async def _split(self, message: AbstractIncomingMessage, work: list[Work], redeliveries: int) -> None:
+        """Requeue a returned message's frames one per message, carrying its redeliveries."""
+        logger.warning(
+            "%s: message %s of %d frames came back (redelivered %d times): requeued one by one",
+            self.queue_name,
+            message.message_id,
+            len(work),
+            redeliveries,
+        )
+        headers = {REDELIVERIES_HEADER: redeliveries}
+        await asyncio.gather(*(self._send_frame(item, self.queue_name, headers) for item in work))
+        await broker.settle(message.ack(), "an inbound delivery")
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, items: list[Work], outcomes: list[Outcome]
+    ) -> None:
+        """Do what each frame's outcome asks (retry, dead-letter), then ack the message."""
+        await asyncio.gather(
+            *(self._follow_up(item, outcome) for item, outcome in zip(items, outcomes, strict=True))
+        )
+        await broker.settle(message.ack(), "an inbound delivery")
+
+    async def _follow_up(self, item: Work, outcome: Outcome) -> None:
         event = item.body.get("event")
-        if outcome.verdict is Verdict.PROCESSED:
-            if outcome.changed:
-                metrics.inbound_processed.inc()
-                logger.debug(
-                    "%s: inbound %s (%s) processed by %s",
-                    self.queue_name,
-                    item.frame_id,
-                    event,
-                    self.worker_id,
-                )
-        elif outcome.verdict is Verdict.RETRY:
+        if outcome.verdict is Verdict.RETRY:
             metrics.inbound_failed.inc()
             logger.warning(
                 "%s: inbound %s (%s) failed attempt %d (%s); retrying in %ds",
@@ -225,16 +263,7 @@ class InboundWorker:
                 outcome.error,
                 outcome.delay,
             )
-            await self._until_broker_recovers(
-                item.frame_id,
-                lambda: broker.publish(
-                    self._default,
-                    item.body,
-                    message_id=item.frame_id,
-                    routing_key=self.topology.retry_queue(outcome.delay),
-                    mandatory=True,
-                ),
-            )
+            await self._send_frame(item, self.topology.retry_queue(outcome.delay))
         elif outcome.verdict is Verdict.DEAD:
             metrics.inbound_failed.inc()
             metrics.inbound_dead.inc()
@@ -246,21 +275,46 @@ class InboundWorker:
                 outcome.attempts,
                 outcome.error,
             )
-            await broker.settle(message.reject(requeue=False), "an inbound delivery")
-            return
-        await broker.settle(message.ack(), "an inbound delivery")
+            await self._dead_letter(item, outcome.error, outcome.attempts)
+
+    async def _dead_letter(self, item: Work, error: str, attempts: int) -> None:
+        """Put the frame, alone, in `<ns>.inbound.dead` (its message may hold others that live)."""
+        headers = {"x-rt-error": error[:1000], "x-rt-attempts": attempts}
+        await self._send_frame(item, self.topology.dead_queue, headers)
+
+    async def _send_frame(self, item: Work, queue: str, headers: dict[str, Any] | None = None) -> None:
+        """Publish one frame, alone, to `queue` (confirmed; waits out a broker outage)."""
+        await self._until_broker_recovers(
+            item.frame_id,
+            lambda: broker.publish(
+                self._default,
+                item.body,
+                message_id=item.frame_id,
+                routing_key=queue,
+                mandatory=True,
+                headers=headers,
+            ),
+        )
 
     async def _publish_replies(self, ids: str, replies: list[Message]) -> None:
+        """Publish a batch's replies, several per broker message, then record them published."""
         published_at = timezone.now()
         for reply in replies:
             reply.published_at = reply.published_at or published_at
 
-        async def publish_one(reply: Message) -> None:
+        async def publish_chunk(chunk: list[Message]) -> None:
+            body = broker.pack(broker.MESSAGES, [broker_body(reply) for reply in chunk])
+            message_id = str(chunk[0].id) if len(chunk) == 1 else f"batch-{uuid.uuid4()}"
             await self._until_broker_recovers(
-                ids, lambda: broker.publish(self._broadcast, broker_body(reply), message_id=str(reply.id))
+                ids, lambda: broker.publish(self._broadcast, body, message_id=message_id)
             )
 
-        await asyncio.gather(*(publish_one(reply) for reply in replies))
+        await asyncio.gather(
+            *(
+                publish_chunk(replies[start : start + REPLIES_PER_MESSAGE])
+                for start in range(0, len(replies), REPLIES_PER_MESSAGE)
+            )
+        )
         metrics.messages_published.inc(len(replies))
         await self._until_infra_recovers("recording replies", ids, lambda: mark_replies_published(replies))
 

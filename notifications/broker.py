@@ -32,6 +32,11 @@ CONNECT_BACKOFF_FIRST = 0.5
 CONNECT_BACKOFF_MAX = 15.0
 
 
+# Keys of `pack`ed messages.
+FRAMES = "frames"
+MESSAGES = "messages"
+
+
 class BrokerUnavailable(Exception):
     """The broker did not take a message: not connected, nacked, unroutable or timed out."""
 
@@ -82,11 +87,37 @@ def decode(body: bytes) -> dict[str, Any]:
     return value
 
 
-def json_message(body: dict[str, Any], *, message_id: str, persistent: bool = True) -> aio_pika.Message:
+def pack(key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Many items (frames on `<ns>.inbound`, messages on `<ns>.broadcast`) as ONE broker message.
+
+    The broker and its Python clients cost about the same per message whatever its size, so a
+    busy process sends what it has together: `{key: [item, ...]}`. One item travels as itself.
+    """
+    return items[0] if len(items) == 1 else {key: items}
+
+
+def unpack(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The items of a message made by `pack`; raise ValueError if they are not JSON objects."""
+    if key not in body:
+        return [body]
+    items = body[key]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"`{key}` is not a list of JSON objects")
+    return items
+
+
+def json_message(
+    body: dict[str, Any],
+    *,
+    message_id: str,
+    persistent: bool = True,
+    headers: dict[str, Any] | None = None,
+) -> aio_pika.Message:
     return aio_pika.Message(
         encode(body),
         content_type="application/json",
         message_id=message_id,
+        headers=headers,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT
         if persistent
         else aio_pika.DeliveryMode.NOT_PERSISTENT,
@@ -198,10 +229,11 @@ async def publish(
     routing_key: str = "",
     mandatory: bool = False,
     timeout: float | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> None:
     """Publish persistent JSON and wait for the broker's confirm, or raise BrokerUnavailable."""
     timeout = settings.RT_PUBLISH_TIMEOUT if timeout is None else timeout
-    message = json_message(body, message_id=message_id)
+    message = json_message(body, message_id=message_id, headers=headers)
     try:
         await asyncio.wait_for(
             exchange.publish(message, routing_key=routing_key, mandatory=mandatory), timeout

@@ -181,3 +181,14 @@ async def test_probes_answer_whatever_the_host_header(users):
     assert (await client.get("/healthz", headers={"Host": "10.1.2.3:8000"})).status_code == 200
     assert (await client.get("/readyz", headers={"Host": "10.1.2.3:8000"})).status_code == 200
     assert (await client.get("/api/v1/messages/", headers={"Host": "10.1.2.3:8000"})).status_code == 400
+
+
+async def test_payload_the_database_cannot_store_is_400(users):
+    """PostgreSQL refuses \\u0000 in JSON text: a clear 400 whatever the database, not a 500."""
+    response = await post(users["alice"], {"topic": "a", "payload": {"text": ["a\u0000b"]}})
+    assert response.status_code == 400, response.content
+    assert "U+0000" in response.json()["payload"][0]
+    assert await count() == 0
+    # The six characters \u0000 (an escaped backslash) are fine.
+    fine = await post(users["alice"], {"topic": "a", "payload": {"text": "\\u0000"}})
+    assert fine.status_code == 202, fine.content

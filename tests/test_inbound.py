@@ -272,7 +272,10 @@ async def test_worker_killed_mid_stream_loses_and_repeats_nothing(cluster, users
     await asyncio.gather(*(send_all(name, s, range(before_kill)) for name, s in sockets.items()))
     await all_receipted(before_kill)
     queued = len(senders) * before_kill
-    assert await queue_stats(f"{cluster.namespace}.inbound") == (queued, 0)
+    # Frames that arrive together travel together (one broker message holds several).
+    messages, consumers = await queue_stats(f"{cluster.namespace}.inbound")
+    assert 0 < messages <= queued and consumers == 0, (messages, consumers)
+    assert await db(lambda: InboundFrame.objects.filter(status="accepted").count())() == queued
 
     victim = cluster.add_worker()
     cluster.add_worker()
@@ -284,11 +287,11 @@ async def test_worker_killed_mid_stream_loses_and_repeats_nothing(cluster, users
         )()
 
     await eventually(victim_busy, SETTLE, f"{victim.name} processing")
-    backlog = (await queue_stats(f"{cluster.namespace}.inbound"))[0]
     victim.signal(signal.SIGKILL)
     await asyncio.to_thread(victim.process.wait, 10)
     processed_at_kill = await db(lambda: InboundFrame.objects.filter(status="processed").count())()
-    assert backlog > 0, "the victim died mid-stream, with frames still queued"
+    backlog = queued - processed_at_kill
+    assert backlog > 0, "the victim died mid-stream, with frames not yet processed"
 
     # Its replacement (worker-3) competes with the survivor for the rest, and for new frames.
     cluster.add_worker()
@@ -552,6 +555,55 @@ async def test_bad_sends_get_errors_and_queue_nothing(cluster, users):
     assert await db(InboundFrame.objects.count)() == 0
     assert await queue_stats(f"{cluster.namespace}.inbound") == (0, 0)
     await bob.close()
+
+
+async def test_frames_sent_together_travel_together_and_a_refused_row_fails_alone(cluster, users):
+    """Frames of many sockets that arrive together share a broker message (CONTRACT §2 says
+    nothing of one message per frame); one with a payload no database can store fails alone."""
+    (web,) = await start(cluster, webs=1, workers=0)
+    names = ["alice", "bob", "carol"] * 3
+    async with httpx.AsyncClient(timeout=30) as client:
+        sockets = [await open_socket(client, web, users[name]) for name in names]
+    per_socket = 5
+    # PostgreSQL cannot store U+0000 in a JSON value: refused at the socket, holding up nothing.
+    poisoned = {"type": "send", "ref": "nul", "event": "echo", "payload": {"text": "a\u0000b"}}
+
+    async def send_burst(index: int, socket: LiveSocket) -> None:
+        for n in range(per_socket):
+            await socket.send({"type": "send", "ref": f"s{index}-{n}", "event": "echo", "payload": {"n": n}})
+        if index == 4:
+            await socket.send(poisoned)
+
+    await asyncio.gather(*(send_burst(i, s) for i, s in enumerate(sockets)))
+    for index, socket in enumerate(sockets):
+        expected = per_socket + (index == 4)
+        await socket.wait_for(
+            lambda s, expected=expected: len(receipts(s)) + len(errors(s)) >= expected,
+            SETTLE,
+            what="receipts",
+        )
+    refused = errors(sockets[4])
+    assert [(e["code"], e["ref"]) for e in refused] == [("invalid", "nul")], refused
+    assert "U+0000" in refused[0]["detail"]
+    good = len(sockets) * per_socket
+    assert all(errors(s) == [] for i, s in enumerate(sockets) if i != 4)
+    assert sum(len([r for r in receipts(s) if r != "nul"]) for s in sockets) == good
+
+    stored = await db(lambda: InboundFrame.objects.filter(status="accepted").count())()
+    messages, _ = await queue_stats(f"{cluster.namespace}.inbound")
+    assert stored == good
+    assert 0 < messages < stored, f"{stored} frames in {messages} broker messages"
+
+    # A worker takes them all, and each frame is echoed exactly once.
+    cluster.add_worker()
+    await wait_consumers(cluster, 1)
+    for socket in sockets:
+        await wait_echoes(socket, set(receipts(socket).values()))
+        assert set(echoes(socket).values()) == {1}
+    await eventually(lambda: all_processed(stored), SETTLE, "every frame processed")
+    print(f"\n{stored} frames queued in {messages} broker messages")
+    for socket in sockets:
+        await socket.close()
 
 
 # --- 6. GET /api/v1/inbound/{id}/ ----------------------------------------------------------

@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
 from notifications.models import Delivery, InboundFrame, Message
+from notifications.services.payloads import NUL_RULE, has_nul
 from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
 
 EVENT_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,100}$")
@@ -44,6 +45,11 @@ class PublishSerializer(serializers.Serializer):
     def validate_event(self, value):
         if value and not EVENT_PATTERN.match(value):
             raise serializers.ValidationError("An event is 1-100 characters of letters, digits and _ . : / -")
+        return value
+
+    def validate_payload(self, value):
+        if has_nul(value, orjson.dumps(value)):
+            raise serializers.ValidationError(NUL_RULE[0].upper() + NUL_RULE[1:] + ".")
         return value
 
     def validate(self, attrs):

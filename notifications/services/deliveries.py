@@ -11,6 +11,7 @@ import uuid
 from django.db import IntegrityError, connection, transaction
 
 from notifications.models import Delivery, Message
+from notifications.services import pg_copy
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +52,12 @@ def _insert_deliveries(rows: list[DeliveryRow]) -> None:
 
 
 def _copy(rows: list[DeliveryRow]) -> None:
-    """The batch as one block of COPY text (formatting row by row through psycopg costs more)."""
-    table = connection.ops.quote_name(Delivery._meta.db_table)
-    null = "\\N"
+    null, text = pg_copy.NULL, pg_copy.text
     lines = [
-        f"{message_id}\t{null if user_id is None else user_id}\t{_text(conn)}\t{_text(instance)}\t{at.isoformat()}"
+        f"{message_id}\t{null if user_id is None else user_id}\t{text(conn)}\t{text(instance)}\t{at.isoformat()}"
         for message_id, user_id, conn, instance, at in rows
     ]
-    with connection.cursor() as cursor:
-        with cursor.cursor.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-            copy.write("\n".join(lines) + "\n")
-
-
-def _text(value: str) -> str:
-    """Escape a value for COPY's text format."""
-    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
-        value = value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return value
+    pg_copy.copy_lines(Delivery, COLUMNS, lines)
 
 
 def _sqlite_insert(rows: list[DeliveryRow]) -> None:

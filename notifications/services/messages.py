@@ -12,6 +12,7 @@ from django.utils import timezone
 from notifications import metrics
 from notifications.broker import BrokerUnavailable
 from notifications.models import InboundFrame, Message
+from notifications.services import pg_copy
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,45 @@ def create_message(**fields: Any) -> Message:
     message = new_message(**fields)
     message.save(force_insert=True)
     return message
+
+
+MESSAGE_COLUMNS = (
+    "id",
+    "topic",
+    "user_id",
+    "broadcast",
+    "event",
+    "payload",
+    "status",
+    "publisher_id",
+    "origin_instance",
+    "source_inbound_id",
+    "error",
+    "created_at",
+)
+
+
+def store_messages(messages: list[Message]) -> None:
+    """Store many new messages at once (a worker's replies): one COPY on PostgreSQL."""
+    if connection.vendor != "postgresql":
+        Message.objects.bulk_create(messages)
+        return
+    now = timezone.now()
+    text, json_text, null = pg_copy.text, pg_copy.json_text, pg_copy.NULL
+
+    def nullable(value: Any) -> str:
+        return null if value is None else text(str(value))
+
+    lines = []
+    for message in messages:
+        message.created_at = now
+        lines.append(
+            f"{message.id}\t{nullable(message.topic)}\t{nullable(message.user_id)}\t"
+            f"{'t' if message.broadcast else 'f'}\t{text(message.event)}\t{json_text(message.payload)}\t"
+            f"{message.status}\t{nullable(message.publisher_id)}\t{text(message.origin_instance)}\t"
+            f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{now.isoformat()}"
+        )
+    pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
 
 
 def broker_body(message: Message) -> dict[str, Any]:
