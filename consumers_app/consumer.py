@@ -74,6 +74,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.username = user.get_username()
         self.connection_id = f"c-{uuid.uuid4().hex[:16]}"
         self.rate = TokenBucket(settings.RT_SOCKET_RATE)
+        # Read once per socket, not per frame (settings are a lazy object).
+        self.max_frame_bytes = settings.RT_MAX_FRAME_BYTES
+        self.max_payload_bytes = settings.RT_MAX_PAYLOAD_BYTES
         self.closing = False
         self.bridge = ensure_bridge()
         await self.accept()
@@ -178,11 +181,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         try:
             if not self.rate.allow():
                 raise FrameError("rate_limited", f"more than {settings.RT_SOCKET_RATE:g} frames per second")
-            if (
-                len(text_data) > settings.RT_MAX_FRAME_BYTES
-                or len(text_data.encode()) > settings.RT_MAX_FRAME_BYTES
+            if len(text_data) > self.max_frame_bytes or (
+                # UTF-8 takes at most 4 bytes a character: most frames need no encoding to tell.
+                len(text_data) * 4 > self.max_frame_bytes and len(text_data.encode()) > self.max_frame_bytes
             ):
-                raise FrameError("too_large", f"frames are limited to {settings.RT_MAX_FRAME_BYTES} bytes")
+                raise FrameError("too_large", f"frames are limited to {self.max_frame_bytes} bytes")
             if not isinstance(frame, dict):
                 raise FrameError("invalid", "a frame is a JSON object with a `type`")
             kind = frame.get("type")
@@ -228,8 +231,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise FrameError("unknown_type", f"no handler for event {event[:50]!r}")
         payload = frame.get("payload")
         encoded = orjson.dumps(payload)
-        if len(encoded) > settings.RT_MAX_PAYLOAD_BYTES:
-            raise FrameError("too_large", f"payloads are limited to {settings.RT_MAX_PAYLOAD_BYTES} bytes")
+        if len(encoded) > self.max_payload_bytes:
+            raise FrameError("too_large", f"payloads are limited to {self.max_payload_bytes} bytes")
         if has_nul(payload, encoded):
             raise FrameError("invalid", NUL_RULE)
         try:

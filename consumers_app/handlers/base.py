@@ -53,6 +53,6 @@ class HandlerContext:
 
     def _add(self, **target: Any) -> Message:
         # Stored with the frame's batch, in the same transaction, after the handler returns.
-        message = new_message(source_inbound=self.frame, origin_instance=self.worker_id, **target)
+        message = new_message(source_inbound_id=self.frame.id, origin_instance=self.worker_id, **target)
         self.messages.append(message)
         return message

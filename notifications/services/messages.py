@@ -2,6 +2,7 @@
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -27,19 +28,32 @@ def new_message(
     payload: Any = None,
     publisher: AbstractBaseUser | None = None,
     source_inbound: InboundFrame | None = None,
+    source_inbound_id: uuid.UUID | None = None,
     origin_instance: str = "",
 ) -> Message:
-    """A message record, `accepted`, not yet saved."""
+    """A message record, `accepted`, not yet saved.
+
+    Related rows may be given by id (`user_id`, `source_inbound_id`): a worker builds one
+    message per reply, and setting ids skips the checks Django makes on related objects.
+    """
+    related: dict[str, Any] = {}
+    if user is not None:
+        related["user"] = user
+    elif user_id is not None:
+        related["user_id"] = user_id
+    if publisher is not None:
+        related["publisher"] = publisher
+    if source_inbound is not None:
+        related["source_inbound"] = source_inbound
+    elif source_inbound_id is not None:
+        related["source_inbound_id"] = source_inbound_id
     return Message(
         topic=topic or None,
-        user=user,
-        **({"user_id": user_id} if user is None and user_id is not None else {}),
         broadcast=broadcast,
         event=event or "",
         payload=payload,
-        publisher=publisher,
-        source_inbound=source_inbound,
         origin_instance=origin_instance,
+        **related,
     )
 
 

@@ -1,7 +1,6 @@
 """`python manage.py run_workers [--concurrency N]`: one worker process of the inbound queue."""
 
-import asyncio
-
+import uvloop
 from django.core.management.base import BaseCommand, CommandError
 
 from consumers_app.worker import InboundWorker
@@ -23,7 +22,8 @@ class Command(BaseCommand):
         if concurrency < 1 or concurrency > 256:
             raise CommandError("--concurrency must be between 1 and 256")
         tune_garbage_collector()
-        asyncio.run(self._run(concurrency))
+        # uvloop's event loop costs less per broker message than asyncio's own.
+        uvloop.run(self._run(concurrency))
 
     async def _run(self, concurrency: int) -> None:
         worker = InboundWorker(concurrency=concurrency)
