@@ -221,6 +221,8 @@ def analyse(records: list[dict[str, Any]], results: list[dict[str, Any]]) -> dic
     sockets = [s for r in results for s in r["sockets"]]
     delivered = duplicates = lost = out_of_order = inversions = unexpected = 0
     latencies: list[float] = []
+    by_instance: dict[str, list[float]] = {}
+    by_message: dict[int, list[float]] = {}
     last_arrival = 0.0
     for sock in sockets:
         seen: set[int] = set()
@@ -237,6 +239,8 @@ def analyse(records: list[dict[str, Any]], results: list[dict[str, Any]]) -> dic
             seen.add(seq)
             delivered += 1
             latencies.append(arrived - record["sent"])
+            by_instance.setdefault(sock["instance"], []).append(arrived - record["sent"])
+            by_message.setdefault(seq, []).append(arrived - record["sent"])
             last_arrival = max(last_arrival, arrived)
             # Out of order: an earlier arrival was POSTed after this message's 202 came back.
             if newest_sent > record["acked"]:
@@ -247,6 +251,11 @@ def analyse(records: list[dict[str, Any]], results: list[dict[str, Any]]) -> dic
             highest_seq = max(highest_seq, seq)
         lost += len(accepted) - len(seen)
     latencies.sort()
+    for name, values in sorted(by_instance.items()):
+        values.sort()
+        log(f"latency p50/p99 ms on {name}: {ms(percentile(values, 50))} / {ms(percentile(values, 99))}")
+    slowest = sorted((max(v), seq, ms(percentile(sorted(v), 50))) for seq, v in by_message.items())[-5:]
+    log("slowest messages (max ms, seq, p50 ms): " + ", ".join(f"{ms(m)} #{q} {p}" for m, q, p in slowest))
     posts = sorted(r["acked"] - r["sent"] for r in records if r["status"] == 202)
     first_post = min((r["sent"] for r in records), default=0.0)
     last_ack = max((r["acked"] for r in records), default=0.0)

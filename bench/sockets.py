@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 import orjson
-import websockets
+
+from bench import wsclient
 
 # Handshakes in flight at once per client process (Daphne gives a handshake 5 s by default).
 CONNECT_CONCURRENCY = 25
@@ -68,14 +69,7 @@ async def open_socket(spec: SocketSpec, tickets: Tickets, topic: str | None) -> 
     url = f"ws://127.0.0.1:{spec.port}/ws/"
     if spec.token is not None:
         url += "?ticket=" + await tickets.get(spec)
-    ws = await websockets.connect(
-        url,
-        open_timeout=OPEN_TIMEOUT,
-        close_timeout=2,
-        ping_interval=None,
-        compression=None,
-        max_size=2**20,
-    )
+    ws = await wsclient.connect(url, OPEN_TIMEOUT)
     try:
         welcome = orjson.loads(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT))
         if welcome.get("type") != "welcome":
@@ -163,15 +157,18 @@ async def _listener(conn: Connection, cfg: dict[str, Any]) -> None:
     done = asyncio.Event()
 
     async def read(sock: Sock) -> None:
+        frames = sock.frames
+
+        def on_frame(arrived: float, raw: str) -> None:
+            frames.append((arrived, raw))
+            state["count"] += 1
+            state["last"] = time.monotonic()
+            if state["count"] >= state["target"]:
+                done.set()
+
+        sock.ws.deliver_to(on_frame)
         try:
-            async for raw in sock.ws:
-                sock.frames.append((time.time(), raw))
-                state["count"] += 1
-                state["last"] = time.monotonic()
-                if state["count"] >= state["target"]:
-                    done.set()
-        except websockets.ConnectionClosed:
-            pass
+            await sock.ws.wait_closed()
         finally:
             sock.closed = True
             sock.closed_code = sock.ws.close_code
@@ -281,38 +278,38 @@ async def _sender(conn: Connection, cfg: dict[str, Any]) -> None:
                 if progress["settled"] >= total:
                     all_done.set()
 
+            def on_frame(arrived: float, raw: str) -> None:
+                frame = orjson.loads(raw)
+                kind = frame.get("type")
+                if kind == "receipt":
+                    state.receipts[str(frame.get("ref"))] = str(frame.get("id"))
+                    state.receipt_times[str(frame.get("ref"))] = arrived
+                elif kind == "message" and frame.get("event") == "echo":
+                    payload = frame.get("payload") or {}
+                    data = payload.get("data") or {}
+                    i = int(data.get("i", -1))
+                    state.echoes.append(
+                        (
+                            str(payload.get("inbound")),
+                            i,
+                            data.get("t", 0.0),
+                            arrived,
+                            payload.get("worker"),
+                        )
+                    )
+                    if i not in state.echoed:
+                        state.echoed.add(i)
+                        settle(i)
+                elif kind == "error":
+                    state.errors[str(frame.get("code"))] += 1
+                    settle(None)
+                else:
+                    state.errors[f"unexpected:{kind}"] += 1
+
             async def read() -> None:
-                try:
-                    async for raw in sock.ws:
-                        arrived = time.time()
-                        frame = orjson.loads(raw)
-                        kind = frame.get("type")
-                        if kind == "receipt":
-                            state.receipts[str(frame.get("ref"))] = str(frame.get("id"))
-                            state.receipt_times[str(frame.get("ref"))] = arrived
-                        elif kind == "message" and frame.get("event") == "echo":
-                            payload = frame.get("payload") or {}
-                            data = payload.get("data") or {}
-                            i = int(data.get("i", -1))
-                            state.echoes.append(
-                                (
-                                    str(payload.get("inbound")),
-                                    i,
-                                    data.get("t", 0.0),
-                                    arrived,
-                                    payload.get("worker"),
-                                )
-                            )
-                            if i not in state.echoed:
-                                state.echoed.add(i)
-                                settle(i)
-                        elif kind == "error":
-                            state.errors[str(frame.get("code"))] += 1
-                            settle(None)
-                        else:
-                            state.errors[f"unexpected:{kind}"] += 1
-                except websockets.ConnectionClosed:
-                    state.errors["closed"] += 1
+                sock.ws.deliver_to(on_frame)
+                await sock.ws.wait_closed()
+                state.errors["closed"] += 1
 
             reader = asyncio.create_task(read())
             try:

@@ -215,7 +215,7 @@ class InboundWorker:
             return None
         for item in work:
             item.redeliveries = redeliveries + earlier
-        if work[0].redeliveries >= POISON_REDELIVERIES:
+        if len(work) == 1 and work[0].redeliveries >= POISON_REDELIVERIES:
             (item,) = work
             error = f"redelivered {item.redeliveries} times: its workers died while processing it"
             logger.error("%s: inbound %s dead-lettered: %s", self.queue_name, item.frame_id, error)

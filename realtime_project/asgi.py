@@ -22,6 +22,7 @@ from consumers_app.bridge import ensure_bridge  # noqa: E402
 from consumers_app.lifecycle import install_drain_handler  # noqa: E402
 from consumers_app.routing import websocket_urlpatterns  # noqa: E402
 from realtime_project.gc_tuning import tune_garbage_collector  # noqa: E402
+from realtime_project.switch_interval import shorten_switch_interval  # noqa: E402
 
 
 class StartBridge:
@@ -51,3 +52,4 @@ if _daphne is not None and "daphne" in os.path.basename(sys.argv[0]):
     _daphne.twisted_loop.call_soon(ensure_bridge)
     install_drain_handler(_daphne.twisted_loop)
     tune_garbage_collector()
+    shorten_switch_interval()
