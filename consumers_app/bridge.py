@@ -141,6 +141,7 @@ class InstanceBridge:
             logger.error("dropping a malformed message from %s: %s", self.topology.broadcast_exchange, exc)
             await broker.settle(message.reject(requeue=False), "a broadcast message")
             return
+        metrics.messages_received.inc(len(bodies))
         for body in bodies:
             try:
                 message_id = str(body["id"])
@@ -148,7 +149,6 @@ class InstanceBridge:
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("dropping a malformed message in %s: %s", message.message_id, exc)
                 continue
-            metrics.messages_received.inc()
             if self._seen(message_id):
                 metrics.messages_duplicate.inc()
             else:
@@ -156,6 +156,9 @@ class InstanceBridge:
         await broker.settle(message.ack(), "a broadcast message")
 
     def dispatch(self, body: dict[str, Any], message_id: uuid.UUID) -> int:
+        targets = self.registry.targets(body)
+        if not targets:
+            return 0  # a message for sockets of other instances
         frame = orjson.dumps(
             {
                 "type": "message",
@@ -168,20 +171,20 @@ class InstanceBridge:
         )
         wire = text_frame(frame)
         now = timezone.now()
-        delivered = 0
-        for socket in self.registry.targets(body):
+        delivered: list[Socket] = []
+        for socket in targets:
             try:
                 ok = socket.deliver(frame, wire)
             except Exception:
                 logger.exception("delivery to %s failed", getattr(socket, "connection_id", "?"))
                 ok = False
             if ok:
-                delivered += 1
-                self.log.record_delivery(message_id, socket.user_id, socket.connection_id, now)
+                delivered.append(socket)
             else:
                 metrics.delivery_failures.inc()
-        metrics.deliveries.inc(delivered)
-        return delivered
+        self.log.record_deliveries(message_id, now, delivered)
+        metrics.deliveries.inc(len(delivered))
+        return len(delivered)
 
     def _seen(self, message_id: str) -> bool:
         if message_id in self._recent:

@@ -1,7 +1,6 @@
 """Which live sockets of this instance want which messages: by user, by topic, and all."""
 
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 
@@ -45,7 +44,7 @@ class SocketRegistry:
         if topics is not None:
             topics.discard(topic)
 
-    def targets(self, body: dict[str, Any]) -> Iterable[Socket]:
+    def targets(self, body: dict[str, Any]) -> list[Socket]:
         """The sockets a broker message is for (a snapshot: delivery may change the sets)."""
         if body.get("broadcast"):
             return list(self.sockets)

@@ -32,10 +32,11 @@ def daphne_protocol(send: Any) -> Any | None:
 
 def unsent_bytes(protocol: Any) -> int:
     """Bytes written to the socket that its client has not yet taken."""
-    transport = getattr(protocol, "transport", None)
-    if transport is None or not hasattr(transport, "dataBuffer"):
+    try:
+        transport = protocol.transport
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except AttributeError:  # not a Twisted TCP transport
         return 0
-    return len(transport.dataBuffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
 
 
 def close_with_code(protocol: Any, code: int, reason: str) -> None:
@@ -81,11 +82,14 @@ def write_frame(protocol: Any, frame: bytes) -> bool:
 
 
 def _can_send_now(transport: Any) -> bool:
-    return (
-        getattr(transport, "connected", False)
-        and not getattr(transport, "TLS", True)
-        and not getattr(transport, "_writeDisconnected", True)
-        and getattr(transport, "_tempDataLen", 1) == 0
-        and len(getattr(transport, "dataBuffer", b"x")) == getattr(transport, "offset", 0)
-        and getattr(transport, "socket", None) is not None
-    )
+    """A plain TCP transport, open, with nothing buffered (called once per socket and message)."""
+    try:
+        return (
+            transport.connected
+            and not transport.TLS
+            and not transport._writeDisconnected
+            and not transport._tempDataLen
+            and len(transport.dataBuffer) == transport.offset
+        )
+    except AttributeError:  # not a Twisted TCP transport
+        return False

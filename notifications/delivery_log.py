@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import logging
 import uuid
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -33,11 +34,11 @@ class DeliveryLogWriter:
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
 
-    def record_delivery(
-        self, message_id: uuid.UUID, user_id: int | None, connection: str, at: datetime.datetime
-    ) -> None:
+    def record_deliveries(self, message_id: uuid.UUID, at: datetime.datetime, sockets: list[Any]) -> None:
+        """One message delivered at `at` to `sockets` (each with `user_id` and `connection_id`)."""
         if self.enabled:
-            self._deliveries.append((message_id, user_id, connection, self.instance_id, at))
+            instance = self.instance_id
+            self._deliveries += [(message_id, s.user_id, s.connection_id, instance, at) for s in sockets]
 
     def record_ack(self, message_id: uuid.UUID, connection: str, at: datetime.datetime) -> None:
         if self.enabled:

@@ -19,6 +19,7 @@ DeliveryRow = tuple[uuid.UUID, int | None, str, str, datetime.datetime]
 AckRow = tuple[uuid.UUID, str, datetime.datetime]
 
 COLUMNS = ("message_id", "user_id", "connection", "instance", "delivered_at")
+COPY_COLUMNS = ("message_id", "instance", "delivered_at", "user_id", "connection")
 
 
 def write_delivery_log(deliveries: list[DeliveryRow], acks: list[AckRow]) -> None:
@@ -52,12 +53,17 @@ def _insert_deliveries(rows: list[DeliveryRow]) -> None:
 
 
 def _copy(rows: list[DeliveryRow]) -> None:
+    """Rows of one message share its id, instance and time: those are formatted once."""
     null, text = pg_copy.NULL, pg_copy.text
-    lines = [
-        f"{message_id}\t{null if user_id is None else user_id}\t{text(conn)}\t{text(instance)}\t{at.isoformat()}"
-        for message_id, user_id, conn, instance, at in rows
-    ]
-    pg_copy.copy_lines(Delivery, COLUMNS, lines)
+    prefixes: dict[tuple, str] = {}
+    lines = []
+    for message_id, user_id, conn, instance, at in rows:
+        key = (message_id, instance, at)
+        prefix = prefixes.get(key)
+        if prefix is None:
+            prefix = prefixes[key] = f"{message_id}\t{text(instance)}\t{at.isoformat()}"
+        lines.append(f"{prefix}\t{null if user_id is None else user_id}\t{text(conn)}")
+    pg_copy.copy_lines(Delivery, COPY_COLUMNS, lines)
 
 
 def _sqlite_insert(rows: list[DeliveryRow]) -> None:
