@@ -8,6 +8,7 @@ Arrival times are `time.time()` taken as a frame is read, before it is parsed.
 
 import asyncio
 import collections
+import gc
 import multiprocessing
 import time
 from dataclasses import dataclass, field
@@ -142,7 +143,15 @@ async def recv_command(conn: Connection) -> tuple[str, dict[str, Any]]:
 # --- fan-out listeners --------------------------------------------------------------------
 
 
+def without_collector() -> None:
+    """No garbage collection in a client process: it keeps every frame it reads, and a full
+    collection over them (tens of ms, at the same message of every run) was timestamped as
+    delivery latency. A run is bounded, and so is the memory it keeps."""
+    gc.disable()
+
+
 def listener_main(conn: Connection, cfg: dict[str, Any]) -> None:
+    without_collector()
     try:
         asyncio.run(_listener(conn, cfg))
     except Exception as exc:
@@ -234,6 +243,7 @@ def _fanout_result(sockets: list[Sock], timed_out: bool) -> dict[str, Any]:
 
 
 def sender_main(conn: Connection, cfg: dict[str, Any]) -> None:
+    without_collector()
     try:
         asyncio.run(_sender(conn, cfg))
     except Exception as exc:

@@ -19,7 +19,14 @@ from consumers_app.bridge import InstanceBridge, ensure_bridge
 from consumers_app.handlers.base import InvalidPayload
 from consumers_app.handlers.registry import get_handler
 from consumers_app.ratelimit import TokenBucket
-from consumers_app.transport import close_with_code, daphne_protocol, text_frame, unsent_bytes, write_frame
+from consumers_app.transport import (
+    close_with_code,
+    daphne_protocol,
+    spread_keepalive,
+    text_frame,
+    unsent_bytes,
+    write_frame,
+)
 from notifications import metrics
 from notifications.broker import BrokerUnavailable
 from notifications.services import inbound as inbound_service
@@ -85,7 +92,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.protocol = daphne_protocol(self.base_send)
         self.buffer_limit = settings.RT_SOCKET_MAX_BUFFER_BYTES
         self.outbox: asyncio.Queue[bytes] | None = None
-        if self.protocol is None:
+        if self.protocol is not None:
+            spread_keepalive(self.protocol)
+        else:
             self.outbox = asyncio.Queue(maxsize=settings.RT_SOCKET_QUEUE)
             self.writer = asyncio.get_running_loop().create_task(self._write_loop())
         self.push(

@@ -13,7 +13,9 @@ Under another server, or WebsocketCommunicator in tests, neither is reachable an
 falls back to plain ASGI (no backlog check; the close code passed through as is).
 """
 
+import random
 import struct
+import time
 from typing import Any
 
 
@@ -37,6 +39,21 @@ def unsent_bytes(protocol: Any) -> int:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:  # not a Twisted TCP transport
         return 0
+
+
+def spread_keepalive(protocol: Any) -> None:
+    """Start this socket's keepalive clock at a random point of Daphne's ping interval.
+
+    Daphne pings a socket `ping_interval` (20) s after its last frame. Sockets opened together
+    (a deploy, a reconnect storm, a benchmark) would all be pinged in the same second, and all
+    their pongs parsed together: a pause of tens of ms every interval, which showed as the
+    slowest messages of the steady fan-out. Spread, the same pings cost a little every second.
+    """
+    try:
+        interval = float(protocol.server.ping_interval)
+    except (AttributeError, TypeError, ValueError):
+        return
+    protocol.last_ping = time.time() - random.uniform(0, interval)
 
 
 def close_with_code(protocol: Any, code: int, reason: str) -> None:
