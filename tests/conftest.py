@@ -5,11 +5,23 @@ import functools
 import pytest
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Group, Permission, User
+from django.db import connections
 from rest_framework.authtoken.models import Token
 
 from tests.support.broker import delete_namespace, delete_namespace_sync, new_namespace
 from tests.support.clients import ApiUser
 from tests.support.cluster import Cluster, test_database_url
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's test database, and psycopg's pool closed before it is dropped (the pool
+    keeps a connection open, and PostgreSQL refuses to drop a database in use)."""
+    yield
+    with django_db_blocker.unblock():
+        for connection in connections.all(initialized_only=True):
+            if hasattr(connection, "close_pool"):
+                connection.close_pool()
 
 
 @pytest.fixture
