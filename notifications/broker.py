@@ -97,12 +97,13 @@ def pack(key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def unpack(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    """The items of a message made by `pack`; raise ValueError if they are not JSON objects."""
+    """The items of a message made by `pack`; raise ValueError unless they are JSON objects, at
+    least one (a message with none would be taken and never settled)."""
     if key not in body:
         return [body]
     items = body[key]
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise ValueError(f"`{key}` is not a list of JSON objects")
+    if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"`{key}` is not a non-empty list of JSON objects")
     return items
 
 

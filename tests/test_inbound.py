@@ -606,6 +606,36 @@ async def test_frames_sent_together_travel_together_and_a_refused_row_fails_alon
         await socket.close()
 
 
+async def test_broker_messages_a_worker_cannot_read_are_dead_lettered_not_left_unacked(cluster, users):
+    """Anything else may publish to `<ns>.inbound`: what is not frames goes to the dead queue."""
+    (web,) = await start(cluster, webs=1, workers=1)
+    bad_bodies = [b"not json", b'{"frames": []}', b'{"frames": [1, 2]}', b'{"frames": "x"}', b"[]"]
+    connection = await aio_pika.connect(settings.AMQP_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        for body in bad_bodies:
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, content_type="application/json"),
+                routing_key=f"{cluster.namespace}.inbound",
+            )
+    finally:
+        await connection.close()
+
+    async def all_dead() -> bool:
+        stats = await queue_stats(f"{cluster.namespace}.inbound.dead")
+        return stats is not None and stats[0] >= len(bad_bodies)
+
+    await eventually(all_dead, SETTLE, "the unreadable messages in the dead-letter queue")
+    assert (await queue_stats(f"{cluster.namespace}.inbound.dead"))[0] == len(bad_bodies)
+    # Nothing stays unacked in the worker: a frame after them is echoed as usual.
+    async with httpx.AsyncClient(timeout=30) as client:
+        alice = await open_socket(client, web, users["alice"])
+    frame_id = await send_and_receipt(alice, "after", "echo", {"n": 1})
+    await wait_echoes(alice, {frame_id})
+    assert await queue_stats(f"{cluster.namespace}.inbound") == (0, 1)
+    await alice.close()
+
+
 # --- 6. GET /api/v1/inbound/{id}/ ----------------------------------------------------------
 
 
