@@ -89,14 +89,11 @@ class InboundSubmitter:
         frames = [frame for frame, _ in chunk]
         message_id = str(frames[0].id) if len(frames) == 1 else f"batch-{uuid.uuid4()}"
         try:
-            try:
-                await self._publish(broker.pack(broker.FRAMES, [queue_body(f) for f in frames]), message_id)
-            except BrokerUnavailable:
-                raise
-            except Exception as exc:
+            await self._publish(broker.pack(broker.FRAMES, [queue_body(f) for f in frames]), message_id)
+        except Exception as exc:
+            if not isinstance(exc, BrokerUnavailable):
                 logger.exception("publishing %d inbound frames failed", len(frames))
-                raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except BrokerUnavailable as exc:
+                exc = BrokerUnavailable(f"{type(exc).__name__}: {exc}")
             logger.warning("%d inbound frames not queued (%s), first %s", len(frames), exc, frames[0].id)
             try:
                 await database_sync_to_async(mark_unqueued)(frames, str(exc))
