@@ -123,6 +123,31 @@ async def publish(url: str, token: str | None, args: argparse.Namespace, mode: s
 # --- one run ------------------------------------------------------------------------------
 
 
+def start_listeners(
+    args: argparse.Namespace, sockets: int, webs: list[Any], users: dict[str, Any], topic: str | None
+) -> ClientPool:
+    """Client processes that open `sockets` sockets over `webs` (subscribed to `topic`, if any)."""
+    shares = split_sockets(sockets, [w.port for w in webs], users["listeners"], args.client_procs)
+    return ClientPool(
+        listener_main,
+        [{"sockets": share, "topic": topic, "open_deadline": args.phase_timeout} for share in shares],
+    )
+
+
+def await_listeners(
+    pool: ClientPool, args: argparse.Namespace, notes: list[str]
+) -> tuple[list[dict[str, Any]], float, int, int]:
+    """Wait until every client process has opened its sockets: (reports, seconds, opened, failed)."""
+    started = time.monotonic()
+    ready = pool.collect("ready", args.phase_timeout + 30)
+    open_seconds = time.monotonic() - started
+    opened = sum(r["opened"] for r in ready)
+    failed = sum(r["failed"] for r in ready)
+    if failed:
+        notes.append(f"{failed} sockets failed to open: {[e for r in ready for e in r['errors']][:3]}")
+    return ready, open_seconds, opened, failed
+
+
 def run_fanout(
     args: argparse.Namespace, db_url: str | None, users: dict[str, Any], mode: str
 ) -> dict[str, Any]:
@@ -134,24 +159,12 @@ def run_fanout(
         deployment.start()
         asyncio.run(warm_up(deployment, users, publish=True))
         before = rss(deployment.webs)
-        shares = split_sockets(
-            args.sockets, [w.port for w in deployment.webs], users["listeners"], args.client_procs
-        )
-        pool = ClientPool(
-            listener_main,
-            [{"sockets": share, "topic": TOPIC, "open_deadline": args.phase_timeout} for share in shares],
-        )
-        started = time.monotonic()
-        ready = pool.collect("ready", args.phase_timeout + 30)
-        open_seconds = time.monotonic() - started
-        opened = sum(r["opened"] for r in ready)
-        failed = sum(r["failed"] for r in ready)
+        pool = start_listeners(args, args.sockets, deployment.webs, users, TOPIC)
+        ready, open_seconds, opened, failed = await_listeners(pool, args, notes)
         per_instance: dict[str, int] = {}
         for r in ready:
             for name, n in r["instances"].items():
                 per_instance[name] = per_instance.get(name, 0) + n
-        if failed:
-            notes.append(f"{failed} sockets failed to open: {[e for r in ready for e in r['errors']][:3]}")
         time.sleep(1.0)
         after = rss(deployment.webs)
         log(f"{opened} sockets open ({per_instance}) in {open_seconds:.1f}s; publishing ({mode})")
@@ -288,18 +301,8 @@ def run_idle(args: argparse.Namespace, db_url: str | None, users: dict[str, Any]
         asyncio.run(warm_up(deployment, users, publish=False))
         web = deployment.webs[0]
         before = common.rss_kib(web.pid) or 0
-        shares = split_sockets(args.idle, [web.port], users["listeners"], args.client_procs)
-        pool = ClientPool(
-            listener_main,
-            [{"sockets": share, "topic": None, "open_deadline": args.phase_timeout} for share in shares],
-        )
-        started = time.monotonic()
-        ready = pool.collect("ready", args.phase_timeout + 30)
-        open_seconds = time.monotonic() - started
-        opened = sum(r["opened"] for r in ready)
-        failed = sum(r["failed"] for r in ready)
-        if failed:
-            notes.append(f"{failed} sockets failed to open: {[e for r in ready for e in r['errors']][:3]}")
+        pool = start_listeners(args, args.idle, [web], users, None)
+        _, open_seconds, opened, failed = await_listeners(pool, args, notes)
         time.sleep(2.0)
         after = common.rss_kib(web.pid) or 0
         metrics = {
