@@ -7,33 +7,13 @@ from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
-from django.core import signing
+
+from notifications.tickets import issue_ticket, user_for_ticket
 
 logger = logging.getLogger(__name__)
 
-TICKET_SALT = "realtime.ws-ticket"
-
-
-def issue_ticket(user) -> str:
-    """A signed, timestamped ticket naming the user; valid for RT_TICKET_TTL seconds."""
-    return signing.dumps({"u": user.pk}, salt=TICKET_SALT, compress=False)
-
-
-def user_for_ticket(ticket: str):
-    """The active user a valid, unexpired ticket names, else None."""
-    try:
-        data = signing.loads(ticket, salt=TICKET_SALT, max_age=settings.RT_TICKET_TTL)
-    except signing.SignatureExpired:
-        logger.info("refused an expired socket ticket")
-        return None
-    except signing.BadSignature:
-        logger.info("refused a forged socket ticket")
-        return None
-    if not isinstance(data, dict) or "u" not in data:
-        return None
-    return get_user_model().objects.filter(pk=data["u"], is_active=True).first()
+__all__ = ["issue_ticket", "protected"]
 
 
 class TicketOrSessionAuth:

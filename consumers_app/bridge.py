@@ -10,6 +10,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from consumers_app.transport import text_frame
 from notifications import broker, metrics
 from notifications.broker import BrokerUnavailable
 from notifications.delivery_log import DeliveryLogWriter
+from notifications.services.inbound import NewInbound
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class InstanceBridge:
         self.topology = broker.current_topology()
         self.registry = SocketRegistry()
         self.log = DeliveryLogWriter(self.instance_id)
-        self.inbound = InboundSubmitter(self.publish_inbound)
+        self.inbound = InboundSubmitter(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connection: AbstractRobustConnection | None = None
         self._broadcast: AbstractExchange | None = None
@@ -128,31 +130,53 @@ class InstanceBridge:
         metrics.connections.set(len(self.registry))
 
     def unregister(self, socket: Socket) -> None:
+        """Forget a socket (closed, or its consumer failed); harmless if it is already gone."""
         self.registry.remove(socket)
         metrics.connections.set(len(self.registry))
+
+    def subscribe(self, socket: Socket, topic: str) -> None:
+        self.registry.subscribe(socket, topic)
+
+    def unsubscribe(self, socket: Socket, topic: str) -> None:
+        self.registry.unsubscribe(socket, topic)
+
+    def topics_of(self, socket: Socket) -> set[str]:
+        return self.registry.topics_of.get(socket, set())
+
+    def record_ack(self, message_id: uuid.UUID, connection_id: str, when: datetime) -> None:
+        self.log.record_ack(message_id, connection_id, when)
+
+    async def submit_inbound(self, frame: NewInbound) -> None:
+        """Record and queue a socket's `send` frame with those of the other sockets (see InboundSubmitter)."""
+        await self.inbound.submit(frame)
 
     # --- broker -> sockets ---------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # Everything up to the ack runs without yielding, so messages reach sockets in queue order.
+        # Whatever a message holds, it is acked: an unreadable one is counted and logged, never
+        # left to block the queue (CONTRACT §5.6).
         try:
             bodies = broker.unpack(broker.decode(message.body), broker.MESSAGES)
-        except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+        except (ValueError, TypeError) as exc:
+            metrics.messages_malformed.inc()
             logger.error("dropping a malformed message from %s: %s", self.topology.broadcast_exchange, exc)
-            await broker.settle(message.reject(requeue=False), "a broadcast message")
+            await broker.settle(message.ack(), "a broadcast message")
             return
         metrics.messages_received.inc(len(bodies))
         for body in bodies:
             try:
                 message_id = str(body["id"])
                 parsed_id = uuid.UUID(message_id)
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.error("dropping a malformed message in %s: %s", message.message_id, exc)
-                continue
-            if self._seen(message_id):
-                metrics.messages_duplicate.inc()
-            else:
-                self.dispatch(body, parsed_id)
+                if self._seen(message_id):
+                    metrics.messages_duplicate.inc()
+                else:
+                    self.dispatch(body, parsed_id)
+            except Exception as exc:
+                metrics.messages_malformed.inc()
+                logger.error(
+                    "dropping a malformed message in %s: %s: %s", message.message_id, type(exc).__name__, exc
+                )
         await broker.settle(message.ack(), "a broadcast message")
 
     def dispatch(self, body: dict[str, Any], message_id: uuid.UUID) -> int:
@@ -201,10 +225,10 @@ class InstanceBridge:
             raise BrokerUnavailable("not connected to RabbitMQ")
         return exchange
 
-    async def publish_broadcast(self, body: dict[str, Any], message_id: str) -> None:
+    async def publish_broadcast(self, body: dict[str, Any] | bytes, message_id: str) -> None:
         await broker.publish(self._exchange(self._broadcast), body, message_id=message_id)
 
-    async def publish_inbound(self, body: dict[str, Any], message_id: str) -> None:
+    async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
         await broker.publish(
             self._exchange(self._default),
             body,

@@ -10,15 +10,13 @@ published while batch k+1 is written.
 
 import asyncio
 import logging
-import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from channels.db import database_sync_to_async
 from django.db import InterfaceError, OperationalError
 
 from notifications import broker
 from notifications.broker import BrokerUnavailable
+from notifications.publishing import Publisher
 from notifications.services.inbound import NewInbound, mark_unqueued, queue_body, record_inbound_batch
 
 logger = logging.getLogger(__name__)
@@ -29,13 +27,12 @@ MAX_BATCH = 500
 # transaction, so this bounds what one slow frame can hold up, and what a redelivery repeats.
 FRAMES_PER_MESSAGE = 32
 
-Publish = Callable[[dict[str, Any], str], Awaitable[None]]
-Pending = tuple[NewInbound, asyncio.Future]
+Pending = tuple[NewInbound, asyncio.Future[None]]
 
 
 class InboundSubmitter:
-    def __init__(self, publish: Publish) -> None:
-        self._publish = publish
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
         self._pending: list[Pending] = []
         self._writer: asyncio.Task | None = None
         self._queueing: set[asyncio.Task] = set()
@@ -86,22 +83,37 @@ class InboundSubmitter:
         return recorded
 
     async def _queue(self, chunk: list[Pending]) -> None:
-        frames = [frame for frame, _ in chunk]
-        message_id = str(frames[0].id) if len(frames) == 1 else f"batch-{uuid.uuid4()}"
+        encoded: list[tuple[Pending, bytes]] = []
+        for pending in chunk:
+            try:
+                encoded.append((pending, broker.encode(queue_body(pending[0]))))
+            except TypeError as exc:  # the socket checks payloads, so a bug: it fails alone
+                logger.exception("inbound frame %s cannot be encoded", pending[0].id)
+                await self._not_queued([pending], BrokerUnavailable(f"cannot encode the frame: {exc}"))
+        if not encoded:
+            return
+        sendable = [pending for pending, _ in encoded]
+        frames = [frame for frame, _ in sendable]
+        message_id = broker.message_id_for([str(frame.id) for frame in frames])
+        body = broker.pack_encoded(broker.FRAMES, [body for _, body in encoded])
         try:
-            await self._publish(broker.pack(broker.FRAMES, [queue_body(f) for f in frames]), message_id)
+            await self._publisher.publish_inbound(body, message_id)
         except Exception as exc:
             if not isinstance(exc, BrokerUnavailable):
                 logger.exception("publishing %d inbound frames failed", len(frames))
                 exc = BrokerUnavailable(f"{type(exc).__name__}: {exc}")
-            logger.warning("%d inbound frames not queued (%s), first %s", len(frames), exc, frames[0].id)
-            try:
-                await database_sync_to_async(mark_unqueued)(frames, str(exc))
-            except Exception as db_exc:
-                logger.error("could not mark %d unqueued inbound frames dead: %s", len(frames), db_exc)
-            _settle(chunk, exc)
+            await self._not_queued(sendable, exc)
             return
-        _settle(chunk, None)
+        _settle(sendable, None)
+
+    async def _not_queued(self, chunk: list[Pending], exc: BrokerUnavailable) -> None:
+        frames = [frame for frame, _ in chunk]
+        logger.warning("%d inbound frames not queued (%s), first %s", len(frames), exc, frames[0].id)
+        try:
+            await database_sync_to_async(mark_unqueued)(frames, str(exc))
+        except Exception as db_exc:
+            logger.error("could not mark %d unqueued inbound frames dead: %s", len(frames), db_exc)
+        _settle(chunk, exc)
 
 
 def _settle(chunk: list[Pending], error: Exception | None) -> None:

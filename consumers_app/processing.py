@@ -14,22 +14,21 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, transaction
+from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.utils import timezone
 
 from consumers_app.handlers.base import HandlerContext
 from consumers_app.handlers.registry import get_handler
+from consumers_app.outages import INFRASTRUCTURE_ERRORS
 from notifications.models import InboundFrame, Message
+from notifications.services import inbound as inbound_service
 from notifications.services.messages import store_messages
 
 logger = logging.getLogger(__name__)
-
-# Errors of the database itself: the frame is not at fault, so no attempt is spent on it.
-INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
-SAVED_FIELDS = ["status", "attempts", "processed_by", "processed_at", "error"]
 
 
 class Verdict(enum.Enum):
@@ -37,6 +36,10 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # park in the retry queue for `delay` seconds, then ack
     DEAD = "dead"  # dead-letter it
     SKIP = "skip"  # nothing to do (a stale copy of a dead frame, a duplicate): ack
+
+
+# The longest event name a record keeps (InboundFrame.event).
+EVENT_MAX_CHARS = 100
 
 
 @dataclass
@@ -51,7 +54,8 @@ class Outcome:
 
 @dataclass
 class Work:
-    """One delivery to process: the frame's id and body, and how often the broker redelivered it.
+    """One inbound frame to process (a broker message may carry several): its id and body, and
+    how often the broker redelivered it.
 
     Redeliveries are attempts that died with their worker and so rolled back before they could
     count themselves.
@@ -60,6 +64,22 @@ class Work:
     frame_id: str
     body: dict[str, Any]
     redeliveries: int = 0
+
+
+def work_from_body(body: dict[str, Any], redeliveries: int) -> Work:
+    """A frame as the broker brought it; ValueError unless it has the shape a socket queues:
+    a UUID `id`, a string `event`, an integer `user_id` or none."""
+    try:
+        frame_id = str(uuid.UUID(str(body["id"])))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"a frame needs a UUID `id`, got {str(body.get('id'))[:60]!r}") from exc
+    user_id = body.get("user_id")
+    if user_id is not None and (not isinstance(user_id, int) or isinstance(user_id, bool)):
+        raise ValueError(f"frame {frame_id}: `user_id` is not an integer")
+    event = body.get("event")
+    if not isinstance(event, str) or not 0 < len(event) <= EVENT_MAX_CHARS:
+        raise ValueError(f"frame {frame_id}: `event` is not a string of 1-{EVENT_MAX_CHARS} characters")
+    return Work(frame_id=frame_id, body=body, redeliveries=redeliveries)
 
 
 def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
@@ -83,7 +103,7 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
                 changed.append(frame)
                 replies.extend(outcome.replies)
         if changed:
-            _save_frames(changed)
+            inbound_service.save_attempts(changed)
         if replies:
             store_messages(replies)
     for frame in changed:
@@ -91,7 +111,7 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
     return outcomes
 
 
-def _process_one(frame: InboundFrame, work: Work, worker_id: str, now) -> Outcome:
+def _process_one(frame: InboundFrame, work: Work, worker_id: str, now: datetime) -> Outcome:
     if frame.status == InboundFrame.Status.PROCESSED:
         pending = list(frame.replies.filter(status=Message.Status.ACCEPTED))
         logger.info("inbound %s already processed by %s: skipped", frame.id, frame.processed_by)
@@ -100,8 +120,7 @@ def _process_one(frame: InboundFrame, work: Work, worker_id: str, now) -> Outcom
         logger.info("inbound %s is dead: a stale copy, skipped", frame.id)
         return Outcome(Verdict.SKIP, attempts=frame.attempts)
 
-    frame.attempts += 1 + work.redeliveries
-    frame.processed_by = worker_id
+    inbound_service.start_attempt(frame, worker_id, work.redeliveries)
     handler = get_handler(frame.event)
     context = HandlerContext(frame=frame, worker_id=worker_id)
     try:
@@ -116,20 +135,8 @@ def _process_one(frame: InboundFrame, work: Work, worker_id: str, now) -> Outcom
         raise
     except Exception as exc:
         return _failed(frame, exc, now)
-    frame.status = InboundFrame.Status.PROCESSED
-    frame.processed_at = now
-    frame.error = ""
+    inbound_service.attempt_succeeded(frame, now)
     return Outcome(Verdict.PROCESSED, replies=context.messages, attempts=frame.attempts, changed=True)
-
-
-def _save_frames(frames: list[InboundFrame]) -> None:
-    """One UPDATE per distinct outcome (usually one for the whole batch), not one per frame."""
-    groups: dict[tuple, list[uuid.UUID]] = {}
-    for frame in frames:
-        values = tuple(getattr(frame, name) for name in SAVED_FIELDS)
-        groups.setdefault(values, []).append(frame.id)
-    for values, ids in groups.items():
-        InboundFrame.objects.filter(id__in=ids).update(**dict(zip(SAVED_FIELDS, values, strict=True)))
 
 
 def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:
@@ -139,52 +146,29 @@ def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:
         str(frame.id): frame
         for frame in InboundFrame.objects.select_for_update().filter(id__in=ids).order_by("id")
     }
-    for work in batch:
-        if work.frame_id not in frames:
-            # Queued by something other than a socket of this deployment: record it now.
+    missing = [work for work in batch if work.frame_id not in frames]
+    if missing:
+        # Queued by something other than a socket of this deployment: record it now, without a
+        # sender that does not exist (the row would fail the whole batch's commit).
+        named = {work.body.get("user_id") for work in missing} - {None}
+        known = set(get_user_model().objects.filter(pk__in=named).values_list("pk", flat=True))
+        for work in missing:
+            if work.frame_id in frames:
+                continue
+            user_id = work.body.get("user_id")
             frames[work.frame_id] = InboundFrame.objects.create(
                 id=uuid.UUID(work.frame_id),
-                user_id=work.body.get("user_id"),
-                event=str(work.body.get("event", ""))[:100],
+                user_id=user_id if user_id in known else None,
+                event=work.body["event"],
                 payload=work.body.get("payload"),
             )
     return frames
 
 
-def _failed(frame: InboundFrame, exc: Exception, now) -> Outcome:
-    frame.error = f"{type(exc).__name__}: {exc}"[:2000]
-    max_attempts = settings.RT_INBOUND_MAX_ATTEMPTS
-    if frame.attempts >= max_attempts:
-        frame.status = InboundFrame.Status.DEAD
-        frame.processed_at = now
-        verdict, delay = Verdict.DEAD, 0
-    else:
-        frame.status = InboundFrame.Status.FAILED
-        delays = settings.RT_INBOUND_RETRY_DELAYS
-        verdict, delay = Verdict.RETRY, delays[min(frame.attempts, len(delays)) - 1]
-    return Outcome(verdict, delay=delay, attempts=frame.attempts, error=frame.error, changed=True)
-
-
-def mark_dead(frame_id: str, error: str) -> None:
-    """A frame the broker gave up on (or that cannot be decoded): record why."""
-    InboundFrame.objects.filter(id=frame_id).exclude(status=InboundFrame.Status.PROCESSED).update(
-        status=InboundFrame.Status.DEAD, error=error[:2000], processed_at=timezone.now()
-    )
-
-
-def mark_replies_published(replies: list[Message]) -> None:
-    """One update for a batch's replies, once the broker confirmed them all. They are durable in
-    the broker already, so the commit need not wait for the disk (at worst they stay `accepted`
-    and are published again on a redelivery; web instances drop the copy)."""
-    published_at = {message.published_at for message in replies}
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-        for when in published_at:
-            Message.objects.filter(id__in=[m.id for m in replies if m.published_at == when]).update(
-                status=Message.Status.PUBLISHED, published_at=when, error=""
-            )
+def _failed(frame: InboundFrame, exc: Exception, now: datetime) -> Outcome:
+    failure = inbound_service.attempt_failed(frame, exc, now)
+    verdict = Verdict.DEAD if failure.dead else Verdict.RETRY
+    return Outcome(verdict, delay=failure.retry_in, attempts=frame.attempts, error=frame.error, changed=True)
 
 
 def _test_crash_point(frame: InboundFrame) -> None:

@@ -1,61 +1,39 @@
-"""The inbound worker: competing consumers of `<ns>.inbound` (aio-pika, manual acks, no Celery).
+"""The inbound worker's lanes: competing consumers of `<ns>.inbound` (aio-pika, manual acks).
 
-The worker only decodes, hands batches of frames to `processing.process_batch` in a thread,
-publishes the replies, and settles each delivery. Handler errors are retried through delay
-queues, then dead-lettered; errors of the infrastructure (database, broker) are waited out with
-backoff while the frames stay unacked, so they never spend a frame's attempts.
-
-A broker message holds one frame or several (`broker.pack`: a busy web instance queues the
-frames that arrived together as one message). `--concurrency N` gives N lanes; each lane takes
-whatever messages are waiting (up to BATCH_MESSAGES) and processes all their frames in one
-transaction in its own thread, then publishes all their replies together. Under load that makes
-one commit and one broker message per batch rather than several per frame; a lone frame still
-goes alone, at once. A message of several frames that comes back (its worker died or stopped)
-is split into one message per frame, so a frame that kills its worker takes no other down with
-it and is dead-lettered on its own.
+A lane takes the broker messages waiting (up to BATCH_MESSAGES; a busy web instance packs
+several frames into one, see `broker.pack`), decodes them, hands all their frames to
+`processing.process_batch` in a thread (one transaction), publishes the replies, and has the
+`Settler` settle each message. Outages of the database or broker are waited out (`outages`);
+whatever else goes wrong with a batch is retried message by message, and a message that still
+fails is split into its frames or dead-lettered with the reason, never left unacked.
 """
 
 import asyncio
 import contextlib
 import logging
 import signal
-import uuid
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
-from django.db import close_old_connections
 from django.utils import timezone
 
-from consumers_app.processing import (
-    INFRASTRUCTURE_ERRORS,
-    Outcome,
-    Verdict,
-    Work,
-    mark_dead,
-    mark_replies_published,
-    process_batch,
-)
+from consumers_app.outages import OutageWaiter
+from consumers_app.processing import Outcome, Verdict, Work, process_batch, work_from_body
+from consumers_app.settling import REDELIVERIES_HEADER, Settler
 from notifications import broker, metrics
-from notifications.broker import BrokerUnavailable
+from notifications.backoff import Stopped
 from notifications.models import Message
-from notifications.services.messages import broker_body
+from notifications.services import inbound as inbound_service
+from notifications.services.messages import broker_body, mark_failed, mark_published
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Broker messages one lane processes in one transaction at most. Larger batches commit less
 # often, but a slow handler holds up the rest of its batch.
 BATCH_MESSAGES = 8
 # Replies per broker message at most (they are published together, see `broker.pack`).
 REPLIES_PER_MESSAGE = 64
-# Header of a frame split out of a redelivered message: the redeliveries it had as part of it.
-REDELIVERIES_HEADER = "x-rt-redeliveries"
-# Longest wait between two tries while the database or broker is down.
-INFRA_BACKOFF_MAX = 30.0
 # Seconds a stopping worker lets in-flight frames finish before handing them back.
 STOP_GRACE_SECONDS = 25.0
 # A frame redelivered this often has killed its workers (they died before they could record
@@ -71,10 +49,11 @@ class InboundWorker:
         self.queue_name = self.topology.inbound_queue
         self.stopping = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="inbound")
+        self.outages = OutageWaiter(self.queue_name, self.executor, self.stopping)
         self.waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.connection: AbstractRobustConnection | None = None
+        self.settler: Settler | None = None
         self._broadcast: AbstractExchange | None = None
-        self._default: AbstractExchange | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -84,7 +63,7 @@ class InboundWorker:
             self.connection = await broker.connect(self.stopping)
         except asyncio.CancelledError:
             return
-        lanes: list[asyncio.Task] = []
+        lanes: list[asyncio.Task[None]] = []
         try:
             setup = await self.connection.channel()
             await broker.declare_topology(setup, self.topology)
@@ -92,7 +71,7 @@ class InboundWorker:
 
             publish = await self.connection.channel(publisher_confirms=True)
             self._broadcast = await broker.declare_broadcast(publish, self.topology)
-            self._default = publish.default_exchange
+            self.settler = Settler(self.topology, publish.default_exchange, self.outages)
 
             consume = await self.connection.channel()
             # A full batch per lane: frames beyond that wait in the queue, where another worker
@@ -127,7 +106,7 @@ class InboundWorker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
 
-    # --- batches -------------------------------------------------------------------------
+    # --- lanes ---------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         await self.waiting.put(message)
@@ -146,16 +125,57 @@ class InboundWorker:
             while len(batch) < BATCH_MESSAGES and not self.waiting.empty():
                 batch.append(self.waiting.get_nowait())
             try:
-                await self._handle(batch)
-            except _Stopping:
-                unsettled = [message for message in batch if not message.processed]
-                logger.info("%s: %d messages handed back (worker stopping)", self.queue_name, len(unsettled))
-                for message in unsettled:
-                    await broker.settle(message.nack(requeue=True), "an inbound delivery")
+                await self._handle_isolated(batch)
+            except Stopped:
+                logger.info("%s: %d messages handed back (worker stopping)", self.queue_name, len(batch))
+                await self._settler.hand_back(batch)
                 return
-            except Exception:
-                # A bug, not an outage: leave the frames unacked (redelivered after a restart).
-                logger.exception("%s: batch of %d frames failed", self.queue_name, len(batch))
+
+    async def _handle_isolated(self, batch: list[AbstractIncomingMessage]) -> None:
+        """Handle a batch; if it fails in a way nobody expected, each message alone, and a
+        message that still fails is split into its frames or dead-lettered with the reason."""
+        try:
+            await self._handle(batch)
+            return
+        except Stopped:
+            raise
+        except Exception as exc:
+            logger.exception("%s: batch of %d messages failed", self.queue_name, len(batch))
+            if len(batch) == 1:
+                await self._give_up(batch[0], exc)
+                return
+        for message in batch:
+            if message.processed:
+                continue
+            try:
+                await self._handle([message])
+            except Stopped:
+                raise
+            except Exception as exc:
+                logger.exception("%s: message %s failed alone", self.queue_name, message.message_id)
+                await self._give_up(message, exc)
+
+    async def _give_up(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        if message.processed:
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        work = self._frames_of(message)
+        if work is not None and len(work) > 1:
+            await self._settler.split(message, work, _redeliveries(message))
+            return
+        if work:
+            (item,) = work
+            await self.outages.until_database_recovers(
+                "mark dead", item.frame_id, lambda: inbound_service.mark_dead(item.frame_id, error)
+            )
+        await self._settler.dead_letter_message(message, error)
+
+    @property
+    def _settler(self) -> Settler:
+        assert self.settler is not None, "the worker is not connected"
+        return self.settler
+
+    # --- one batch -----------------------------------------------------------------------
 
     async def _handle(self, messages: list[AbstractIncomingMessage]) -> None:
         deliveries: list[tuple[AbstractIncomingMessage, list[Work]]] = []
@@ -167,7 +187,7 @@ class InboundWorker:
         if not work:
             return
         ids = ", ".join(item.frame_id for item in work[:3]) + (" …" if len(work) > 3 else "")
-        outcomes: list[Outcome] = await self._until_infra_recovers(
+        outcomes: list[Outcome] = await self.outages.until_database_recovers(
             "processing", ids, lambda: process_batch(work, self.worker_id)
         )
         replies = [
@@ -175,11 +195,13 @@ class InboundWorker:
         ]
         if replies:
             await self._publish_replies(ids, replies)
-        settles: list[Awaitable[None]] = []
         remaining = iter(outcomes)
-        for message, items in deliveries:
-            settles.append(self._settle(message, items, [next(remaining) for _ in items]))
-        await asyncio.gather(*settles)
+        await asyncio.gather(
+            *(
+                self._settler.settle(message, items, [next(remaining) for _ in items])
+                for message, items in deliveries
+            )
+        )
         processed = [
             item.frame_id
             for item, o in zip(work, outcomes, strict=True)
@@ -196,181 +218,92 @@ class InboundWorker:
                 " ".join(processed),
             )
 
-    async def _decode(self, message: AbstractIncomingMessage) -> list[Work] | None:
-        """The frames of a message; None if it was settled here (undecodable, split, poison)."""
-        headers = message.headers or {}
+    def _frames_of(self, message: AbstractIncomingMessage) -> list[Work] | None:
+        """The frames a message carries, or None if it cannot be read."""
         try:
-            bodies = broker.unpack(broker.decode(message.body), broker.FRAMES)
-            work = [Work(frame_id=str(body["id"]), body=body) for body in bodies]
-            redeliveries = int(headers.get("x-delivery-count") or 0)
-            earlier = int(headers.get(REDELIVERIES_HEADER) or 0)
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.error(
-                "%s: undecodable message %s dead-lettered: %s", self.queue_name, message.message_id, exc
-            )
-            await broker.settle(message.reject(requeue=False), "an inbound delivery")
+            return _read(message)
+        except (ValueError, TypeError):
             return None
-        if redeliveries and len(work) > 1:
-            await self._split(message, work, redeliveries + earlier)
+
+    async def _decode(self, message: AbstractIncomingMessage) -> list[Work] | None:
+        """The frames of a message; None if it was settled here (unreadable, split, poison)."""
+        try:
+            work = _read(message)
+        except (ValueError, TypeError) as exc:
+            await self._settler.dead_letter_message(message, f"unreadable: {exc}")
             return None
-        for item in work:
-            item.redeliveries = redeliveries + earlier
-        if len(work) == 1 and work[0].redeliveries >= POISON_REDELIVERIES:
+        redeliveries = work[0].redeliveries
+        if len(work) > 1 and _header_int(message, "x-delivery-count"):
+            # It came back (its worker died or stopped): its frames go on one by one, so a frame
+            # that kills its worker takes no other down with it.
+            await self._settler.split(message, work, redeliveries)
+            return None
+        if len(work) == 1 and redeliveries >= POISON_REDELIVERIES:
             (item,) = work
-            error = f"redelivered {item.redeliveries} times: its workers died while processing it"
+            error = f"redelivered {redeliveries} times: its workers died while processing it"
             logger.error("%s: inbound %s dead-lettered: %s", self.queue_name, item.frame_id, error)
-            await self._until_infra_recovers(
-                "mark dead", item.frame_id, lambda: mark_dead(item.frame_id, error)
+            await self.outages.until_database_recovers(
+                "mark dead", item.frame_id, lambda: inbound_service.mark_dead(item.frame_id, error)
             )
-            metrics.inbound_dead.inc()
-            await self._dead_letter(item, error, item.redeliveries)
-            await broker.settle(message.ack(), "an inbound delivery")
+            await self._settler.dead_letter(item, error, redeliveries)
+            await self._settler.ack(message)
             return None
         return work
 
-    async def _split(self, message: AbstractIncomingMessage, work: list[Work], redeliveries: int) -> None:
-        """Requeue a returned message's frames one per message, carrying its redeliveries."""
-        logger.warning(
-            "%s: message %s of %d frames came back (redelivered %d times): requeued one by one",
-            self.queue_name,
-            message.message_id,
-            len(work),
-            redeliveries,
-        )
-        headers = {REDELIVERIES_HEADER: redeliveries}
-        await asyncio.gather(*(self._send_frame(item, self.queue_name, headers) for item in work))
-        await broker.settle(message.ack(), "an inbound delivery")
-
-    async def _settle(
-        self, message: AbstractIncomingMessage, items: list[Work], outcomes: list[Outcome]
-    ) -> None:
-        """Do what each frame's outcome asks (retry, dead-letter), then ack the message."""
-        await asyncio.gather(
-            *(self._follow_up(item, outcome) for item, outcome in zip(items, outcomes, strict=True))
-        )
-        await broker.settle(message.ack(), "an inbound delivery")
-
-    async def _follow_up(self, item: Work, outcome: Outcome) -> None:
-        event = item.body.get("event")
-        if outcome.verdict is Verdict.RETRY:
-            metrics.inbound_failed.inc()
-            logger.warning(
-                "%s: inbound %s (%s) failed attempt %d (%s); retrying in %ds",
-                self.queue_name,
-                item.frame_id,
-                event,
-                outcome.attempts,
-                outcome.error,
-                outcome.delay,
-            )
-            await self._send_frame(item, self.topology.retry_queue(outcome.delay))
-        elif outcome.verdict is Verdict.DEAD:
-            metrics.inbound_failed.inc()
-            metrics.inbound_dead.inc()
-            logger.error(
-                "%s: inbound %s (%s) dead after %d attempts: %s",
-                self.queue_name,
-                item.frame_id,
-                event,
-                outcome.attempts,
-                outcome.error,
-            )
-            await self._dead_letter(item, outcome.error, outcome.attempts)
-
-    async def _dead_letter(self, item: Work, error: str, attempts: int) -> None:
-        """Put the frame, alone, in `<ns>.inbound.dead` (its message may hold others that live)."""
-        headers = {"x-rt-error": error[:1000], "x-rt-attempts": attempts}
-        await self._send_frame(item, self.topology.dead_queue, headers)
-
-    async def _send_frame(self, item: Work, queue: str, headers: dict[str, Any] | None = None) -> None:
-        """Publish one frame, alone, to `queue` (confirmed; waits out a broker outage)."""
-        await self._until_broker_recovers(
-            item.frame_id,
-            lambda: broker.publish(
-                self._default,
-                item.body,
-                message_id=item.frame_id,
-                routing_key=queue,
-                mandatory=True,
-                headers=headers,
-            ),
-        )
+    # --- replies -------------------------------------------------------------------------
 
     async def _publish_replies(self, ids: str, replies: list[Message]) -> None:
-        """Publish a batch's replies, several per broker message, then record them published."""
+        """Publish a batch's replies, several per broker message, then record them published.
+
+        A reply that cannot be encoded (a handler's bug) is recorded failed, alone.
+        """
         published_at = timezone.now()
+        sendable: list[tuple[Message, bytes]] = []
         for reply in replies:
             reply.published_at = reply.published_at or published_at
+            try:
+                sendable.append((reply, broker.encode(broker_body(reply))))
+            except TypeError as exc:
+                logger.error("%s: reply %s cannot be encoded: %s", self.queue_name, reply.id, exc)
+                await self.outages.until_database_recovers(
+                    "recording a failed reply",
+                    ids,
+                    lambda r=reply, e=exc: mark_failed(r, f"unencodable: {e}"),
+                )
 
-        async def publish_chunk(chunk: list[Message]) -> None:
-            body = broker.pack(broker.MESSAGES, [broker_body(reply) for reply in chunk])
-            message_id = str(chunk[0].id) if len(chunk) == 1 else f"batch-{uuid.uuid4()}"
-            await self._until_broker_recovers(
+        async def publish_chunk(chunk: list[tuple[Message, bytes]]) -> None:
+            body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded in chunk])
+            message_id = broker.message_id_for([str(reply.id) for reply, _ in chunk])
+            await self.outages.until_broker_recovers(
                 ids, lambda: broker.publish(self._broadcast, body, message_id=message_id)
             )
 
         await asyncio.gather(
             *(
-                publish_chunk(replies[start : start + REPLIES_PER_MESSAGE])
-                for start in range(0, len(replies), REPLIES_PER_MESSAGE)
+                publish_chunk(sendable[start : start + REPLIES_PER_MESSAGE])
+                for start in range(0, len(sendable), REPLIES_PER_MESSAGE)
             )
         )
-        metrics.messages_published.inc(len(replies))
-        await self._until_infra_recovers("recording replies", ids, lambda: mark_replies_published(replies))
-
-    # --- waiting out outages -------------------------------------------------------------
-
-    async def _in_thread(self, function: Callable[[], T]) -> T:
-        def run() -> T:
-            close_old_connections()
-            try:
-                return function()
-            finally:
-                close_old_connections()
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
-
-    async def _until_infra_recovers(self, what: str, frames: str, function: Callable[[], T]) -> T:
-        delay = 0.5
-        while True:
-            try:
-                return await self._in_thread(function)
-            except INFRASTRUCTURE_ERRORS as exc:
-                logger.warning(
-                    "%s: database error during %s of inbound %s (%s); retrying in %.1fs",
-                    self.queue_name,
-                    what,
-                    frames,
-                    exc,
-                    delay,
-                )
-            delay = await self._backoff(delay)
-
-    async def _until_broker_recovers(self, frames: str, publish: Callable[[], Awaitable[Any]]) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await publish()
-                return
-            except BrokerUnavailable as exc:
-                logger.warning(
-                    "%s: cannot publish for inbound %s (%s); retrying in %.1fs",
-                    self.queue_name,
-                    frames,
-                    exc,
-                    delay,
-                )
-            delay = await self._backoff(delay)
-
-    async def _backoff(self, delay: float) -> float:
-        if self.stopping.is_set():
-            raise _Stopping()
-        try:
-            await asyncio.wait_for(self.stopping.wait(), timeout=delay)
-        except TimeoutError:
-            return min(INFRA_BACKOFF_MAX, delay * 2)
-        raise _Stopping()
+        published = [reply for reply, _ in sendable]
+        metrics.messages_published.inc(len(published))
+        if published:
+            await self.outages.until_database_recovers(
+                "recording replies", ids, lambda: mark_published(published)
+            )
 
 
-class _Stopping(Exception):
-    """The worker is stopping while waiting out an outage: hand the frames back."""
+def _read(message: AbstractIncomingMessage) -> list[Work]:
+    """The frames of a message; ValueError or TypeError if it is not one a socket queued."""
+    bodies = broker.unpack(broker.decode(message.body), broker.FRAMES)
+    return [work_from_body(body, _redeliveries(message)) for body in bodies]
+
+
+def _redeliveries(message: AbstractIncomingMessage) -> int:
+    """Deliveries of this frame that died with their worker: the broker's count, plus the count
+    it carried when it was split out of a larger message."""
+    return _header_int(message, "x-delivery-count") + _header_int(message, REDELIVERIES_HEADER)
+
+
+def _header_int(message: AbstractIncomingMessage, name: str) -> int:
+    value = (message.headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

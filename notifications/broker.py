@@ -7,7 +7,7 @@ hand: the robust connection re-declares what was declared on it.
 
 import asyncio
 import logging
-import random
+import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +22,14 @@ from aio_pika.abc import (
 )
 from django.conf import settings
 
+from notifications.backoff import Backoff, Stopped
+
 logger = logging.getLogger(__name__)
 
 # The quorum queue's own safety net: a frame that kills its worker this many times is
 # dead-lettered by the broker even though no worker could record why.
 INBOUND_DELIVERY_LIMIT = 20
-# First and largest wait (seconds) between attempts to reach a broker that is down.
-CONNECT_BACKOFF_FIRST = 0.5
+# Largest wait (seconds) between attempts to reach a broker that is down.
 CONNECT_BACKOFF_MAX = 15.0
 
 
@@ -96,6 +97,11 @@ def pack(key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     return items[0] if len(items) == 1 else {key: items}
 
 
+def pack_encoded(key: str, items: list[bytes]) -> bytes:
+    """`pack`, for items already encoded one by one (so one that cannot be encoded fails alone)."""
+    return items[0] if len(items) == 1 else b'{"%s":[%s]}' % (key.encode(), b",".join(items))
+
+
 def unpack(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
     """The items of a message made by `pack`; raise ValueError unless they are JSON objects, at
     least one (a message with none would be taken and never settled)."""
@@ -107,15 +113,21 @@ def unpack(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return items
 
 
+def message_id_for(item_ids: list[str]) -> str:
+    """The broker message id of a `pack`ed message: its item's own id when it carries one item
+    (so a redelivered copy can be recognised), a fresh id for several."""
+    return item_ids[0] if len(item_ids) == 1 else f"batch-{uuid.uuid4()}"
+
+
 def json_message(
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     *,
     message_id: str,
     persistent: bool = True,
     headers: dict[str, Any] | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
-        encode(body),
+        body if isinstance(body, bytes) else encode(body),
         content_type="application/json",
         message_id=message_id,
         headers=headers,
@@ -127,7 +139,7 @@ def json_message(
 
 async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection:
     """Connect, retrying with capped, jittered backoff until the broker answers (or `stop`)."""
-    delay = CONNECT_BACKOFF_FIRST
+    backoff = Backoff(CONNECT_BACKOFF_MAX)
     while True:
         try:
             return await aio_pika.connect_robust(
@@ -138,21 +150,15 @@ async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection
             )
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             logger.warning(
-                "cannot reach RabbitMQ at %s (%s: %s); retrying in %.1fs",
+                "cannot reach RabbitMQ at %s (%s: %s); retrying",
                 redacted_url(settings.AMQP_URL),
                 type(exc).__name__,
                 exc,
-                delay,
             )
-        if stop is not None:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-                raise asyncio.CancelledError("stopped while connecting")
-            except TimeoutError:
-                pass
-        else:
-            await asyncio.sleep(delay)
-        delay = min(CONNECT_BACKOFF_MAX, delay * 2) * random.uniform(0.8, 1.2)
+        try:
+            await backoff.wait(stop)
+        except Stopped:
+            raise asyncio.CancelledError("stopped while connecting") from None
 
 
 def redacted_url(url: str) -> str:
@@ -224,7 +230,7 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
 
 async def publish(
     exchange: AbstractExchange,
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     *,
     message_id: str,
     routing_key: str = "",
@@ -232,7 +238,8 @@ async def publish(
     timeout: float | None = None,
     headers: dict[str, Any] | None = None,
 ) -> None:
-    """Publish persistent JSON and wait for the broker's confirm, or raise BrokerUnavailable."""
+    """Publish persistent JSON (a dict, or bytes already encoded) and wait for the broker's
+    confirm, or raise BrokerUnavailable. A body that cannot be encoded raises TypeError."""
     timeout = settings.RT_PUBLISH_TIMEOUT if timeout is None else timeout
     message = json_message(body, message_id=message_id, headers=headers)
     try:

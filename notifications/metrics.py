@@ -17,10 +17,14 @@ def _gauge(name: str, documentation: str):
 connections = _gauge("rt_connections", "Open WebSocket connections on this instance")
 broker_connected = _gauge("rt_broker_connected", "1 while this process is connected to RabbitMQ")
 messages_received = _counter(
-    "rt_broker_messages_received", "Messages this instance took from its broadcast queue"
+    "rt_messages_received",
+    "Messages this instance took from the broker (one per message, also when several travel together)",
 )
 messages_duplicate = _counter(
     "rt_broker_messages_duplicate", "Redelivered messages skipped as already delivered"
+)
+messages_malformed = _counter(
+    "rt_broker_messages_malformed", "Messages (or items of one) taken from the broker that could not be read"
 )
 deliveries = _counter("rt_deliveries", "Messages handed to a socket")
 delivery_failures = _counter("rt_delivery_failures", "Messages a socket could not take (closed or too slow)")

@@ -1,7 +1,8 @@
 """ASGI entry point: HTTP through Django, `/ws/` through the Channels consumer.
 
 Daphne runs no lifespan events, so the broker bridge is started here: scheduled on Daphne's
-event loop when Daphne is the server, and on first use (any request or socket) otherwise.
+event loop when Daphne is the server, and on first use (any request or socket) otherwise. It is
+also installed as this process's publisher, for the API and the admin.
 """
 
 import os
@@ -18,11 +19,15 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 django_http = get_asgi_application()
 
 from consumers_app.auth import protected  # noqa: E402
-from consumers_app.bridge import ensure_bridge  # noqa: E402
+from consumers_app.bridge import ensure_bridge, get_bridge  # noqa: E402
 from consumers_app.lifecycle import install_drain_handler  # noqa: E402
 from consumers_app.routing import websocket_urlpatterns  # noqa: E402
+from notifications import publishing  # noqa: E402
 from realtime_project.gc_tuning import tune_garbage_collector  # noqa: E402
 from realtime_project.switch_interval import shorten_switch_interval  # noqa: E402
+
+# The API and the admin publish through this process's bridge (the one broker connection).
+publishing.install(get_bridge)
 
 
 class StartBridge:

@@ -74,12 +74,24 @@ def cluster(transactional_db, namespace):
 
 
 @pytest.fixture
-async def bridge(transactional_db, namespace, settings):
-    """This process's bridge, connected, in the test's event loop (for WebsocketCommunicator)."""
+def publisher():
+    """Install this process's publisher for a test (as the ASGI or WSGI module would); restored after."""
+    from notifications import publishing
+
+    before = publishing.install(None)
+    yield lambda installed: publishing.install(lambda: installed)
+    publishing.install(before)
+
+
+@pytest.fixture
+async def bridge(transactional_db, namespace, settings, publisher):
+    """This process's bridge, connected, in the test's event loop (for WebsocketCommunicator),
+    and installed as its publisher."""
     from consumers_app.bridge import ensure_bridge, reset_bridge
 
     await reset_bridge()
     live = ensure_bridge()
+    publisher(live)
     assert await live.wait_ready(15), "bridge did not connect to RabbitMQ"
     yield live
     await reset_bridge()

@@ -7,41 +7,40 @@ from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
 from notifications.models import Message
-from tests.support.cluster import free_port
+from tests.support.processes import free_port
 
 
 @pytest.fixture
-async def dead_broker_bridge(transactional_db, namespace, settings):
+async def dead_broker_bridge(transactional_db, namespace, settings, publisher):
     """A bridge pointed at a port where no broker listens: it keeps retrying, never ready."""
     from consumers_app.bridge import ensure_bridge, reset_bridge
 
     settings.AMQP_URL = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
     await reset_bridge()
     bridge = ensure_bridge()
+    publisher(bridge)
     yield bridge
     await reset_bridge()
 
 
 async def test_publish_is_503_not_a_hang_and_the_record_says_failed(dead_broker_bridge, users):
     client = AsyncClient()
-    token = {"Authorization": f"Token {users['alice'].token}"}
-    response = await client.post(
-        "/api/v1/messages/",
-        data=json.dumps({"topic": "t", "payload": 1}),
-        content_type="application/json",
-        headers=token | {"Idempotency-Key": "retry-me"},
-    )
+
+    async def post():
+        return await client.post(
+            "/api/v1/messages/",
+            data=json.dumps({"topic": "t", "payload": 1}),
+            content_type="application/json",
+            headers=users["alice"].headers | {"Idempotency-Key": "retry-me"},
+        )
+
+    response = await post()
     assert response.status_code == 503
     assert "detail" in response.json()
     message = await database_sync_to_async(Message.objects.get)()
     assert message.status == Message.Status.FAILED and "broker" in message.error
     # The key was not remembered: the same request may be retried with it.
-    again = await client.post(
-        "/api/v1/messages/",
-        data=json.dumps({"topic": "t", "payload": 1}),
-        content_type="application/json",
-        headers=token | {"Idempotency-Key": "retry-me"},
-    )
+    again = await post()
     assert again.status_code == 503
 
 

@@ -26,8 +26,10 @@ from django.utils import timezone
 from notifications.models import InboundFrame, Message
 from tests.conftest import make_user
 from tests.support.broker import queue_stats
-from tests.support.clients import ApiUser, LiveSocket, ticket
-from tests.support.cluster import Cluster, Proc
+from tests.support.clients import LiveSocket, open_socket
+from tests.support.cluster import Cluster
+from tests.support.processes import Proc
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -48,19 +50,6 @@ INBOUND_FIELDS = {
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-async def eventually(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll an async predicate until it is truthy or the deadline passes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def db(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -90,10 +79,6 @@ async def wait_consumers(cluster: Cluster, count: int) -> None:
         return stats is not None and stats[1] == count
 
     await eventually(consuming, SETTLE, f"{count} consumer(s) on {cluster.namespace}.inbound")
-
-
-async def open_socket(client: httpx.AsyncClient, web: Proc, user: ApiUser) -> LiveSocket:
-    return await LiveSocket.open(f"{web.ws_url}?ticket={await ticket(client, web.url, user)}")
 
 
 def receipts(socket: LiveSocket) -> dict[Any, str]:
@@ -467,12 +452,12 @@ async def test_failing_frame_is_retried_then_dead_while_others_flow(cluster, use
     await alice.close()
 
 
-def test_requeue_leaves_dead_frames_as_they_were_when_the_broker_is_down(users, namespace, monkeypatch):
+def test_requeue_leaves_dead_frames_as_they_were_when_the_broker_is_down(users, namespace, publisher):
     """The admin's requeue with no broker: nothing queued, the records keep their history."""
-    from consumers_app import bridge as bridge_module
+    from consumers_app.bridge import InstanceBridge
     from notifications.services.requeue import requeue_dead_frames
 
-    monkeypatch.setattr(bridge_module, "_bridge", bridge_module.InstanceBridge())  # never connected
+    publisher(InstanceBridge())  # never connected
     fields = ["status", "attempts", "error", "processed_at", "processed_by"]
     frames = [
         InboundFrame.objects.create(

@@ -6,10 +6,12 @@ Payload: {"room": "lobby", "text": "hello"}. Subscribers of topic `chat.<room>` 
 
 from typing import Any
 
-from consumers_app.handlers.base import HandlerContext, InboundHandler, InvalidPayload
+from django.contrib.auth.models import AbstractBaseUser
+
+from consumers_app.handlers.base import Forbidden, HandlerContext, InboundHandler, InvalidPayload
 from consumers_app.models import ChatMessage
 from notifications.models import InboundFrame
-from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
+from notifications.services.topics import TOPIC_RULE, can_subscribe, is_valid_topic_name
 
 MAX_TEXT = 2000
 
@@ -23,6 +25,14 @@ class ChatMessageHandler(InboundHandler):
             raise InvalidPayload(f"room: {TOPIC_RULE}")
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
             raise InvalidPayload(f"text: a non-empty string of at most {MAX_TEXT} characters")
+
+    authorizes = True
+
+    def authorize(self, user: AbstractBaseUser, payload: Any) -> None:
+        """A room's topic may be restricted to groups (an admin's Topic): its non-members may not post."""
+        topic = f"chat.{payload['room']}"
+        if not can_subscribe(user, topic):
+            raise Forbidden(f"you may not post to {topic!r}")
 
     def handle(self, frame: InboundFrame, context: HandlerContext) -> None:
         self.validate(frame.payload)

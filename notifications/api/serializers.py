@@ -2,16 +2,36 @@
 
 import re
 
-import orjson
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
 from notifications.models import Delivery, InboundFrame, Message
-from notifications.services.payloads import NUL_RULE, has_nul
+from notifications.services.payloads import PayloadRejected, check_payload
 from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
 
 EVENT_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,100}$")
+
+
+class PayloadField(serializers.JSONField):
+    """Any JSON value within the payload rules (size, depth, encodable, no U+0000).
+
+    The rules are checked before DRF's own JSONField check, which re-encodes with Python's json
+    and would fail with a RecursionError (a 500) on a deep enough value.
+    """
+
+    def to_internal_value(self, data):
+        try:
+            check_payload(data)
+        except PayloadRejected as exc:
+            raise serializers.ValidationError(
+                exc.detail[0].upper() + exc.detail[1:] + ".", code=exc.code
+            ) from None
+        return data
+
+
+def too_large(errors: dict) -> bool:
+    """Whether a serializer's errors include a payload over RT_MAX_PAYLOAD_BYTES (a 413, not a 400)."""
+    return any(getattr(error, "code", None) == "too_large" for error in errors.get("payload", ()))
 
 
 class PublishSerializer(serializers.Serializer):
@@ -19,7 +39,7 @@ class PublishSerializer(serializers.Serializer):
     user = serializers.CharField(required=False, allow_null=True, max_length=150, trim_whitespace=False)
     broadcast = serializers.BooleanField(required=False, default=False)
     event = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
-    payload = serializers.JSONField(required=False, allow_null=True, default=None)
+    payload = PayloadField(required=False, allow_null=True, default=None)
 
     def to_internal_value(self, data):
         if not isinstance(data, dict):
@@ -47,11 +67,6 @@ class PublishSerializer(serializers.Serializer):
             raise serializers.ValidationError("An event is 1-100 characters of letters, digits and _ . : / -")
         return value
 
-    def validate_payload(self, value):
-        if has_nul(value, orjson.dumps(value)):
-            raise serializers.ValidationError(NUL_RULE[0].upper() + NUL_RULE[1:] + ".")
-        return value
-
     def validate(self, attrs):
         targets = [name for name in ("topic", "user") if attrs.get(name) is not None]
         if attrs.get("broadcast"):
@@ -61,14 +76,6 @@ class PublishSerializer(serializers.Serializer):
                 {"non_field_errors": ["Give exactly one of `topic`, `user` or `broadcast: true`."]}
             )
         return attrs
-
-
-def payload_size(payload) -> int:
-    return len(orjson.dumps(payload))
-
-
-def payload_too_large(payload) -> bool:
-    return payload_size(payload) > settings.RT_MAX_PAYLOAD_BYTES
 
 
 class DeliverySerializer(serializers.ModelSerializer):

@@ -10,9 +10,9 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
 from django.utils import timezone
 
-from notifications import metrics
+from notifications import metrics, publishing
 from notifications.broker import BrokerUnavailable
-from notifications.models import InboundFrame, Message
+from notifications.models import InboundFrame, Message, clip_error
 from notifications.services import pg_copy
 
 logger = logging.getLogger(__name__)
@@ -118,35 +118,40 @@ def broker_body(message: Message) -> dict[str, Any]:
     }
 
 
-def mark_published(message: Message) -> None:
-    """Record the broker's confirm. The message is already durable (the broker has it), so this
-    commit need not wait for the disk: at worst a database crash leaves it `accepted`."""
+def mark_published(messages: list[Message]) -> None:
+    """Record the broker's confirm of messages (one update per publish time, usually one).
+
+    They are durable in the broker already, so this commit need not wait for the disk: at worst
+    a database crash leaves them `accepted` (published again on a redelivery; web instances drop
+    the copy).
+    """
     with transaction.atomic():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
-        Message.objects.filter(id=message.id).update(
-            status=Message.Status.PUBLISHED, published_at=message.published_at, error=""
-        )
-    message.status = Message.Status.PUBLISHED
+        for when in {message.published_at for message in messages}:
+            Message.objects.filter(id__in=[m.id for m in messages if m.published_at == when]).update(
+                status=Message.Status.PUBLISHED, published_at=when, error=""
+            )
+    for message in messages:
+        message.status = Message.Status.PUBLISHED
 
 
 def mark_failed(message: Message, error: str) -> None:
+    """The broker did not take it. A message already confirmed stays `published`."""
+    message.error = clip_error(error)
     Message.objects.filter(id=message.id).exclude(status=Message.Status.PUBLISHED).update(
-        status=Message.Status.FAILED, error=error[:2000]
+        status=Message.Status.FAILED, error=message.error
     )
     message.status = Message.Status.FAILED
-    message.error = error
 
 
 def publish_from_web(message: Message) -> Message:
-    """Publish through this web instance's bridge (from a request thread); raise BrokerUnavailable."""
-    from consumers_app.bridge import get_bridge
-
+    """Publish through this process's publisher (from a request thread); raise BrokerUnavailable."""
     message.published_at = timezone.now()
     started = time.perf_counter()
     try:
-        async_to_sync(get_bridge().publish_broadcast)(broker_body(message), str(message.id))
+        async_to_sync(publishing.current().publish_broadcast)(broker_body(message), str(message.id))
     except BrokerUnavailable as exc:
         metrics.publish_failures.inc()
         logger.warning("message %s not published: %s", message.id, exc)
@@ -154,5 +159,5 @@ def publish_from_web(message: Message) -> Message:
         raise
     metrics.publish_latency.observe(time.perf_counter() - started)
     metrics.messages_published.inc()
-    mark_published(message)
+    mark_published([message])
     return message

@@ -1,8 +1,66 @@
-"""What a payload may hold, at the API and at the socket alike."""
+"""What a payload may hold, at the API and at the socket alike (CONTRACT §3, §4).
+
+A payload the server accepts must stay encodable on every path after it (broker messages,
+replies, COPY rows): whatever a strict encoder (orjson) or PostgreSQL would refuse later is
+refused here, at the edge, with the reason.
+"""
 
 from typing import Any
 
+import orjson
+from django.conf import settings
+
 NUL_RULE = "a payload may not contain the character U+0000 (the database cannot store it)"
+
+
+class PayloadRejected(ValueError):
+    """`code` is the socket's error code: `too_large` (413 at the API) or `invalid` (400)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def check_payload(payload: Any, max_bytes: int | None = None, max_depth: int | None = None) -> bytes:
+    """The payload encoded, or PayloadRejected: too deep, not encodable, too large, or holding U+0000."""
+    max_bytes = settings.RT_MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
+    max_depth = settings.RT_MAX_JSON_DEPTH if max_depth is None else max_depth
+    if json_depth(payload, max_depth) > max_depth:
+        raise PayloadRejected("invalid", f"a payload may be nested at most {max_depth} levels deep")
+    try:
+        encoded = orjson.dumps(payload)
+    except TypeError as exc:  # orjson.JSONEncodeError: integers past 64 bits, lone surrogates
+        raise PayloadRejected("invalid", f"the payload cannot be stored as JSON: {exc}") from None
+    if len(encoded) > max_bytes:
+        raise PayloadRejected("too_large", f"payloads are limited to {max_bytes} bytes")
+    if has_nul(payload, encoded):
+        raise PayloadRejected("invalid", NUL_RULE)
+    return encoded
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting of arrays and objects (`1` is 0 deep, `[1]` 1), counted up to `limit` + 1 at most.
+
+    Iterative, so a payload nested thousands deep costs no recursion and stops at the limit.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def has_nul(payload: Any, encoded: bytes) -> bool:
