@@ -21,6 +21,7 @@ from django.utils import timezone
 from consumers_app.outages import OutageWaiter
 from consumers_app.processing import Outcome, Verdict, Work, process_batch, work_from_body
 from consumers_app.settling import REDELIVERIES_HEADER, Settler
+from consumers_app.sweeper import Sweeper
 from notifications import broker, metrics
 from notifications.backoff import Stopped
 from notifications.models import Message
@@ -79,6 +80,8 @@ class InboundWorker:
             await consume.set_qos(prefetch_count=self.concurrency * BATCH_MESSAGES)
             queue = await broker.declare_inbound(consume, self.topology)
             lanes = [asyncio.create_task(self._lane(), name=f"lane-{n}") for n in range(self.concurrency)]
+            sweeper = Sweeper(self.topology, self._broadcast, publish.default_exchange, self.outages)
+            lanes.append(asyncio.create_task(sweeper.run(), name="sweeper"))
             tag = await queue.consume(self._on_message)
             metrics.broker_connected.set(1)
             logger.info("worker %s consuming %s with %d lanes", self.worker_id, queue.name, self.concurrency)

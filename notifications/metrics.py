@@ -39,6 +39,8 @@ publish_latency = Histogram(
     ["instance"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 ).labels(INSTANCE)
+messages_swept = _counter("rt_messages_swept", "Unconfirmed messages published by the sweeper")
+inbound_swept = _counter("rt_inbound_swept", "Unqueued inbound frames queued by the sweeper")
 inbound_queued = _counter("rt_inbound_queued", "Inbound frames confirmed onto the work queue")
 inbound_processed = _counter("rt_inbound_processed", "Inbound frames processed by this worker")
 inbound_failed = _counter("rt_inbound_failed", "Inbound frame attempts whose handler raised")
