@@ -1,21 +1,39 @@
-"""Broker helpers for tests: unique namespaces, and cleaning up what a test declared."""
+"""Broker helpers for tests and benchmarks: namespaces, queue counts, cleaning up a deployment.
+
+Importing this module does not import Django (the benchmarks' orchestrator uses it): only
+the functions that need the project's settings or topology import them, when called.
+
+    python -m tests.support.broker NAMESPACE [INSTANCE_ID ...]
+
+deletes what a deployment under NAMESPACE declared, with the settings of the environment.
+"""
 
 import asyncio
+import sys
 import uuid
+from collections.abc import Sequence
 
 import aio_pika
-from django.conf import settings
 
-from notifications.broker import Topology
+from tests.support.processes import START_TIMEOUT, Proc
+from tests.support.waiting import wait_until
 
 
 def new_namespace() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
 
 
+def _amqp_url(url: str | None) -> str:
+    if url is not None:
+        return url
+    from django.conf import settings
+
+    return settings.AMQP_URL
+
+
 async def queue_stats(name: str, url: str | None = None) -> tuple[int, int] | None:
-    """(messages, consumers) of a queue, or None if it does not exist."""
-    connection = await aio_pika.connect(url or settings.AMQP_URL)
+    """(messages, consumers) of a queue, or None if it does not exist (default broker: settings)."""
+    connection = await aio_pika.connect(_amqp_url(url))
     try:
         channel = await connection.channel()
         try:
@@ -28,8 +46,31 @@ async def queue_stats(name: str, url: str | None = None) -> tuple[int, int] | No
         await connection.close()
 
 
+def wait_consumers(
+    queue: str,
+    count: int,
+    procs: Sequence[Proc] = (),
+    url: str | None = None,
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Until `queue` has `count` consumers or more; fail at once when one of `procs` crashed."""
+
+    def consuming() -> bool:
+        for proc in procs:
+            if proc.crashed:
+                raise RuntimeError(f"{proc.name} exited early:\n{proc.log_tail()}")
+        stats = asyncio.run(queue_stats(queue, url))
+        return stats is not None and stats[1] >= count
+
+    wait_until(consuming, timeout, interval=0.2, what=f"{count} consumer(s) on {queue}")
+
+
 async def delete_namespace(namespace: str, instance_ids: list[str]) -> None:
-    """Delete the queues and exchange a test's deployment declared."""
+    """Delete the queues and exchange a deployment declared (the broker of the settings)."""
+    from django.conf import settings
+
+    from notifications.broker import Topology
+
     topology = Topology(namespace)
     connection = await aio_pika.connect(settings.AMQP_URL)
     try:
@@ -50,3 +91,15 @@ async def delete_namespace(namespace: str, instance_ids: list[str]) -> None:
 
 def delete_namespace_sync(namespace: str, instance_ids: list[str]) -> None:
     asyncio.run(delete_namespace(namespace, instance_ids))
+
+
+def main(argv: list[str]) -> None:
+    import django
+
+    django.setup()
+    namespace, *instance_ids = argv
+    delete_namespace_sync(namespace, instance_ids)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

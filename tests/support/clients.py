@@ -1,9 +1,13 @@
-"""Clients for tests: API calls with a token, and sockets that collect what they receive."""
+"""Clients for tests: API calls with a token, and sockets that collect what they receive.
+
+A `server` here is anything with the `url` and `ws_url` of a web instance: a Proc of
+tests/support/processes.py, or a load balancer in front of several.
+"""
 
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import websockets
@@ -18,6 +22,14 @@ class ApiUser:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Token {self.token}"}
+
+
+class Server(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def ws_url(self) -> str: ...
 
 
 async def ticket(client: httpx.AsyncClient, base_url: str, user: ApiUser) -> str:
@@ -95,3 +107,31 @@ class LiveSocket:
         await self.ws.close()
         if self.reader is not None:
             await asyncio.wait_for(self.reader, 10)
+
+
+async def open_socket(http: httpx.AsyncClient, server: Server, user: ApiUser) -> LiveSocket:
+    """A live socket of `user` on `server`, with a fresh ticket."""
+    return await LiveSocket.open(f"{server.ws_url}?ticket={await ticket(http, server.url, user)}")
+
+
+async def post_message(http: httpx.AsyncClient, server: Server, user: ApiUser, body: dict) -> httpx.Response:
+    """POST /api/v1/messages/ as `user`, whatever the answer."""
+    return await http.post(f"{server.url}/api/v1/messages/", json=body, headers=user.headers)
+
+
+def accepted(response: httpx.Response) -> dict[str, Any]:
+    """The record of a message the API accepted (202)."""
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+async def publish(http: httpx.AsyncClient, server: Server, user: ApiUser, body: dict) -> dict[str, Any]:
+    """Publish through the API: the message must be accepted and published; its record."""
+    record = accepted(await post_message(http, server, user, body))
+    assert record["status"] == "published"
+    return record
+
+
+def publish_sync(server: Server, user: ApiUser, body: dict) -> dict[str, Any]:
+    """POST /api/v1/messages/ from sync code (the browser tests): it must be accepted; its record."""
+    return accepted(httpx.post(f"{server.url}/api/v1/messages/", json=body, headers=user.headers, timeout=20))

@@ -7,7 +7,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from tests.support.cluster import free_port, wait_until
+from tests.support.processes import free_port
+from tests.support.waiting import wait_until
 
 
 def _port_open(port: int) -> bool:
