@@ -1,10 +1,16 @@
 """Settings, all read from the environment (CONTRACT §1) with defaults for one machine."""
 
+import datetime
 import os
 import socket
 from pathlib import Path
 
 import dj_database_url
+from django.core.checks.security.base import (
+    SECRET_KEY_INSECURE_PREFIX,
+    SECRET_KEY_MIN_LENGTH,
+    SECRET_KEY_MIN_UNIQUE_CHARACTERS,
+)
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -44,6 +50,23 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def weak_secret_key_reason(key: str) -> str | None:
+    """Why a key is too weak to sign sessions and tickets with, or None.
+
+    The rules of Django's deployment check (security.W009), plus the placeholder of .env.example:
+    a check that only warns is easy to miss, so production refuses to start instead.
+    """
+    if "change-me" in key.lower():
+        return "it still contains the placeholder 'change-me'"
+    if key.startswith(SECRET_KEY_INSECURE_PREFIX):
+        return f"it starts with {SECRET_KEY_INSECURE_PREFIX!r} (a key made for development)"
+    if len(key) < SECRET_KEY_MIN_LENGTH:
+        return f"it has {len(key)} characters, fewer than {SECRET_KEY_MIN_LENGTH}"
+    if len(set(key)) < SECRET_KEY_MIN_UNIQUE_CHARACTERS:
+        return f"it has fewer than {SECRET_KEY_MIN_UNIQUE_CHARACTERS} distinct characters"
+    return None
+
+
 DEBUG = env_bool("DJANGO_DEBUG")
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
@@ -53,9 +76,26 @@ if not SECRET_KEY:
             "DJANGO_SECRET_KEY is required unless DJANGO_DEBUG=1 (refusing to start with a guessable key)"
         )
     SECRET_KEY = "dev-insecure-key-only-for-DJANGO_DEBUG=1"
+elif not DEBUG and (reason := weak_secret_key_reason(SECRET_KEY)):
+    raise ImproperlyConfigured(
+        f"DJANGO_SECRET_KEY is too weak for DJANGO_DEBUG=0: {reason}. Make one with: "
+        'python3 -c "import secrets; print(secrets.token_urlsafe(50))"'
+    )
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+# --- TLS behind a proxy: all off by default, so the plain-HTTP local deployment keeps working ---
+if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER"):
+    # Only where the proxy in front sets X-Forwarded-Proto itself (ours do: deploy/nginx*).
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES")
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS")
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD")
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT")
+# Prometheus and probes talk plain HTTP to an instance's own port: never redirect them.
+SECURE_REDIRECT_EXEMPT = [r"^metrics$", r"^healthz$", r"^readyz$"]
 
 INSTALLED_APPS = [
     "daphne",
@@ -68,6 +108,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "axes",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
@@ -85,6 +126,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "realtime_project.urls"
@@ -125,6 +168,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
         "max_size": env_int("RT_DB_POOL_SIZE", 10),
         "timeout": 10,
     }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database that does not answer fails a connection within seconds instead of hanging the
+    # caller, and one runaway statement cannot hold its locks and connection for ever.
+    # Migrations on a big table may need RT_DB_STATEMENT_TIMEOUT_MS=0 for that one command.
+    _pg_options = DATABASES["default"].setdefault("OPTIONS", {})
+    _pg_options["connect_timeout"] = env_int("RT_DB_CONNECT_TIMEOUT", 5)
+    _statement_timeout_ms = env_int("RT_DB_STATEMENT_TIMEOUT_MS", 30_000)
+    if _statement_timeout_ms > 0:
+        _pg_options["options"] = (
+            f"{_pg_options.get('options', '')} -c statement_timeout={_statement_timeout_ms}".strip()
+        )
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes write one SQLite file: WAL lets readers run beside the writer, and
     # IMMEDIATE transactions wait for the lock instead of failing half-way with "locked".
@@ -160,6 +214,30 @@ WHITENOISE_AUTOREFRESH = DEBUG
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+AUTHENTICATION_BACKENDS = [
+    # django-axes first: it refuses a locked-out sign-in before any password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# Proxies in front of the web instances that append to X-Forwarded-For (bin/run's and compose's
+# nginx: 1). 0 trusts no header: the client is REMOTE_ADDR.
+RT_TRUSTED_PROXIES = env_int("RT_TRUSTED_PROXIES", 0)
+
+
+# Failed sign-ins (sign-in page and admin), counted in the database so every instance shares them:
+# RT_LOGIN_FAILURE_LIMIT failures for one username, or from one client address, lock it out for
+# RT_LOGIN_LOCKOUT_MINUTES, the right password included. API tokens and sockets are not affected.
+AXES_FAILURE_LIMIT = env_int("RT_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = datetime.timedelta(minutes=env_float("RT_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_HANDLER = "realtime_project.signin.SignInThrottle"
+AXES_RESET_ON_SUCCESS = True
+# A lockout lasts its time from the failure that caused it; tries during it do not extend it.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "realtime_project.signin.locked_out"
+AXES_CLIENT_IP_CALLABLE = "realtime_project.signin.client_ip"
+
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -172,7 +250,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["notifications.api.parsers.SafeJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "notifications.api.errors.exception_handler",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
@@ -215,6 +293,8 @@ RT_DELIVERY_LOG_BATCH = env_int("RT_DELIVERY_LOG_BATCH", 5000)
 RT_DELIVERY_LOG_ENABLED = env_bool("RT_DELIVERY_LOG", True)
 # Seconds a web instance takes to close its sockets and flush its log on SIGTERM.
 RT_DRAIN_SECONDS = env_float("RT_DRAIN_SECONDS", 10.0)
+# Days of messages, deliveries and inbound frames `manage.py prune_realtime` keeps.
+RT_RETENTION_DAYS = env_int("RT_RETENTION_DAYS", 30)
 
 RT_INBOUND_HANDLERS = {
     "echo": "consumers_app.handlers.echo.EchoHandler",
@@ -227,6 +307,14 @@ if RT_DIAGNOSTICS:
     }
 # Attempts before an inbound frame is dead-lettered, and the waits between them (seconds).
 RT_INBOUND_MAX_ATTEMPTS = env_int("RT_INBOUND_MAX_ATTEMPTS", 5)
+# Deepest nesting of arrays and objects in a payload (CONTRACT §1): strict JSON encoders refuse
+# 255 levels, so anything accepted stays encodable on every path after it.
+RT_MAX_JSON_DEPTH = env_int("RT_MAX_JSON_DEPTH", 64)
+# Topics one socket may be subscribed to at once.
+RT_MAX_SUBSCRIPTIONS = env_int("RT_MAX_SUBSCRIPTIONS", 100)
+# Seconds a message or inbound frame may stay committed but unconfirmed before the workers'
+# sweeper publishes it (a publish takes at most RT_PUBLISH_TIMEOUT).
+RT_SWEEP_GRACE_SECONDS = env_int("RT_SWEEP_GRACE_SECONDS", 30)
 RT_INBOUND_RETRY_DELAYS = [1, 2, 4, 8]
 
 LOGGING = {
