@@ -14,7 +14,9 @@ import httpx
 import pytest
 from django.urls import reverse
 
-from tests.support.cluster import ROOT, wait_until
+from tests.support.clients import publish_sync
+from tests.support.processes import ROOT
+from tests.support.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -163,12 +165,6 @@ def expect_connected(page, instance: str, timeout: int = SHOW_MS) -> None:
     expect(page.locator("#rt-instance")).to_have_text(instance, timeout=timeout)
 
 
-def publish(web, publisher, body: dict) -> dict:
-    response = httpx.post(f"{web.url}/api/v1/messages/", json=body, headers=publisher.headers, timeout=20)
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
 def shown(page, message_id: str):
     return page.locator(f'#messages li[data-id="{message_id}"]')
 
@@ -205,7 +201,7 @@ def test_page_shows_acks_escapes_and_survives_a_restart(cluster, deployment, bro
     expect(page.locator("#rt-connection")).to_have_text(re.compile(r"^c-"))
 
     # A message for bob, published through the other instance, shows up and is acked.
-    notice = publish(web_b, alice, {"user": "bob", "event": "notice", "payload": {"text": "hello bob"}})
+    notice = publish_sync(web_b, alice, {"user": "bob", "event": "notice", "payload": {"text": "hello bob"}})
     item = shown(page, notice["id"])
     expect(item).to_be_visible(timeout=SHOW_MS)
     expect(item.locator(".message-event")).to_have_text("notice")
@@ -216,7 +212,9 @@ def test_page_shows_acks_escapes_and_survives_a_restart(cluster, deployment, bro
     assert deliveries[0]["connection"] == page.locator("#rt-connection").text_content()
 
     # Markup in a payload is text: nothing is created, nothing runs.
-    hostile = publish(web_b, alice, {"user": "bob", "event": "xss", "payload": {"html": XSS, "raw": XSS}})
+    hostile = publish_sync(
+        web_b, alice, {"user": "bob", "event": "xss", "payload": {"html": XSS, "raw": XSS}}
+    )
     payload = shown(page, hostile["id"]).locator(".message-payload")
     expect(payload).to_be_visible(timeout=SHOW_MS)
     assert XSS in payload.text_content()
@@ -251,9 +249,11 @@ def test_page_shows_acks_escapes_and_survives_a_restart(cluster, deployment, bro
     expect(page.locator('#topic-list li[data-topic="orders"]')).to_have_attribute(
         "data-confirmed", "true", timeout=SHOW_MS
     )
-    again = publish(web_b, alice, {"user": "bob", "event": "notice", "payload": {"text": "back again"}})
+    again = publish_sync(web_b, alice, {"user": "bob", "event": "notice", "payload": {"text": "back again"}})
     expect(shown(page, again["id"])).to_be_visible(timeout=SHOW_MS)
-    order = publish(web_b, alice, {"topic": "orders", "event": "order.shipped", "payload": {"order": 42}})
+    order = publish_sync(
+        web_b, alice, {"topic": "orders", "event": "order.shipped", "payload": {"order": 42}}
+    )
     expect(shown(page, order["id"]).locator(".message-topic")).to_have_text("orders", timeout=SHOW_MS)
     assert wait_for_ack(web_b, alice, again["id"])[0]["instance"] == "web-1b"
     screenshot(page, "live-page-after-restart.png")
@@ -304,8 +304,10 @@ def test_chat_between_two_pages_on_two_instances(deployment, browser, users):
     carol.get_by_role("button", name="Unsubscribe from chat.lobby").click()
     expect(carol.locator('#topic-list li[data-topic="chat.lobby"]')).to_have_count(0)
     expect(carol.locator("#activity")).to_contain_text("unsubscribed from chat.lobby", timeout=SHOW_MS)
-    later = publish(web_a, users["alice"], {"topic": "chat.lobby", "event": "chat.message", "payload": {}})
-    marker = publish(web_a, users["alice"], {"broadcast": True, "event": "marker"})
+    later = publish_sync(
+        web_a, users["alice"], {"topic": "chat.lobby", "event": "chat.message", "payload": {}}
+    )
+    marker = publish_sync(web_a, users["alice"], {"broadcast": True, "event": "marker"})
     expect(shown(carol, marker["id"])).to_be_visible(timeout=SHOW_MS)
     expect(shown(bob, later["id"])).to_be_visible(timeout=SHOW_MS)
     assert shown(carol, later["id"]).count() == 0

@@ -11,7 +11,9 @@ import websockets
 from django.contrib.auth.models import User
 
 from consumers_app.auth import issue_ticket
-from tests.support.clients import LiveSocket, ticket
+from tests.support.clients import LiveSocket, open_socket, post_message, publish, ticket
+from tests.support.processes import free_port
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -20,17 +22,6 @@ def two_webs(cluster):
     web_a.wait_ready()
     web_b.wait_ready()
     return web_a, web_b
-
-
-async def open_socket(http: httpx.AsyncClient, web, user) -> LiveSocket:
-    return await LiveSocket.open(f"{web.ws_url}?ticket={await ticket(http, web.url, user)}")
-
-
-async def publish(http: httpx.AsyncClient, web, user, body: dict) -> dict:
-    response = await http.post(f"{web.url}/api/v1/messages/", json=body, headers=user.headers)
-    assert response.status_code == 202, response.text
-    assert response.json()["status"] == "published"
-    return response.json()
 
 
 async def test_messages_published_through_a_reach_sockets_on_b_exactly_once(two_webs, users):
@@ -107,17 +98,16 @@ async def test_fifty_sockets_times_a_hundred_messages_lose_nothing_duplicate_not
             received = [m["id"] for m in socket.messages]
             assert received == sent_ids + [marker["id"]], "lost, duplicated or reordered"
         await asyncio.gather(*(s.close() for s in sockets))
+
         # The delivery log has one row per socket per message, from both instances.
-        detail = await http.get(
-            f"{web_a.url}/api/v1/messages/{sent_ids[-1]}/", headers=users["alice"].headers
-        )
-        deadline = time.monotonic() + 15
-        while len(detail.json()["deliveries"]) < 50 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        async def logged() -> list[dict]:
             detail = await http.get(
                 f"{web_a.url}/api/v1/messages/{sent_ids[-1]}/", headers=users["alice"].headers
             )
-        deliveries = detail.json()["deliveries"]
+            found = detail.json()["deliveries"]
+            return found if len(found) >= 50 else []
+
+        deliveries = await eventually(logged, 15, "50 delivery rows", interval=0.2)
         assert len(deliveries) == 50
         assert {d["instance"] for d in deliveries} == {"web-1", "web-2"}
 
@@ -169,24 +159,20 @@ async def test_bad_frames_over_real_daphne_keep_the_socket_and_others_working(tw
 
 
 async def test_an_instance_without_a_broker_answers_503_quickly_and_is_not_ready(cluster, users):
-    from tests.support.cluster import free_port
-
     web = cluster.add_web(AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
     async with httpx.AsyncClient(timeout=20) as http:
-        deadline = time.monotonic() + 30
-        while True:
+
+        async def healthz() -> httpx.Response | None:
             try:
-                health = await http.get(f"{web.url}/healthz")
-                break
+                return await http.get(f"{web.url}/healthz")
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "web instance never answered"
-                await asyncio.sleep(0.1)
+                return None
+
+        health = await eventually(healthz, 30, "the web instance to answer")
         assert health.status_code == 200
         assert (await http.get(f"{web.url}/readyz")).status_code == 503
         started = time.monotonic()
-        response = await http.post(
-            f"{web.url}/api/v1/messages/", json={"topic": "t"}, headers=users["alice"].headers
-        )
+        response = await post_message(http, web, users["alice"], {"topic": "t"})
         assert response.status_code == 503 and "detail" in response.json()
         assert time.monotonic() - started < 10, "a down broker must not make the API hang"
         # Sockets still open; a `send` gets `unavailable`, never a receipt.

@@ -25,8 +25,9 @@ import yaml
 from deploy.nginx import render_nginx_conf, write_nginx_conf
 from tests.support import cluster as cluster_support
 from tests.support.broker import delete_namespace
-from tests.support.clients import LiveSocket, ticket
-from tests.support.cluster import ROOT, free_port, wait_until
+from tests.support.clients import LiveSocket, open_socket, publish
+from tests.support.processes import ROOT, Proc, clean_environ, free_port
+from tests.support.waiting import wait_until
 
 DATA = Path(__file__).parent / "data"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -366,52 +367,14 @@ def test_rendered_balancer_config_passes_nginx_t(tmp_path):
 # --- a real nginx in front of two real Daphne instances -----------------------------------------
 
 
-class Balancer:
-    """nginx from deploy/nginx.py, in the foreground, stopped by its PID."""
-
-    def __init__(self, upstream_ports: list[int], workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        conf = write_nginx_conf(self.port, upstream_ports, workdir)
-        error_log = workdir / "logs" / "error.log"
-        self.process = subprocess.Popen(
-            [NGINX, "-p", str(workdir), "-e", str(error_log), "-c", str(conf), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/"
-
-    def error_log(self) -> str:
-        path = self.workdir / "logs" / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def wait_ready(self, timeout: float = 15) -> None:
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited early:\n{self.error_log()}")
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, timeout, interval=0.05, what="nginx answering /readyz")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # nginx's fast shutdown
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+def start_balancer(upstream_ports: list[int], workdir: Path) -> Proc:
+    """nginx from deploy/nginx.py, in the foreground, stopped by its PID (SIGTERM is nginx's fast
+    shutdown); its error log is the process's log."""
+    port = free_port()
+    conf = write_nginx_conf(port, upstream_ports, workdir)
+    error_log = workdir / "logs" / "error.log"
+    argv = [NGINX, "-p", str(workdir), "-e", str(error_log), "-c", str(conf), "-g", "daemon off;"]
+    return Proc(name="nginx", argv=argv, env=dict(os.environ), log_path=error_log, port=port).start()
 
 
 @pytest.fixture
@@ -422,29 +385,17 @@ def balanced(cluster, tmp_path):
     webs = [cluster.add_web(), cluster.add_web()]
     for web in webs:
         web.wait_ready()
-    balancer = Balancer([web.port for web in webs], tmp_path / "nginx")
+    balancer = start_balancer([web.port for web in webs], tmp_path / "nginx")
     try:
-        balancer.wait_ready()
+        balancer.wait_ready(timeout=15)
         yield balancer, webs
     finally:
         balancer.stop()
 
 
-async def publish(http: httpx.AsyncClient, base_url: str, user, body: dict) -> dict:
-    response = await http.post(f"{base_url}/api/v1/messages/", json=body, headers=user.headers)
-    assert response.status_code == 202, response.text
-    assert response.json()["status"] == "published"
-    return response.json()
-
-
-async def open_sockets(http: httpx.AsyncClient, balancer: Balancer, users: list) -> list[LiveSocket]:
-    sockets = []
+async def open_sockets(http: httpx.AsyncClient, balancer: Proc, users: list) -> list[LiveSocket]:
     # One after another, each staying open: least_conn then spreads them over the instances.
-    for user in users:
-        sockets.append(
-            await LiveSocket.open(f"{balancer.ws_url}?ticket={await ticket(http, balancer.url, user)}")
-        )
-    return sockets
+    return [await open_socket(http, balancer, user) for user in users]
 
 
 async def test_sockets_through_nginx_land_on_both_instances_and_get_every_message_once_in_order(
@@ -464,13 +415,13 @@ async def test_sockets_through_nginx_land_on_both_instances_and_get_every_messag
         sent_ids = []
         for n in range(30):
             record = await publish(
-                http, balancer.url, users["alice"], {"topic": "lb", "event": "n", "payload": n}
+                http, balancer, users["alice"], {"topic": "lb", "event": "n", "payload": n}
             )
             sent_ids.append(record["id"])
         for socket in sockets:
             await socket.wait_for(lambda s: len(s.messages) >= len(sent_ids), timeout=30, what="30 messages")
         # A last message marks the end: anything duplicated would have arrived before it.
-        marker = await publish(http, balancer.url, users["alice"], {"topic": "lb", "event": "end"})
+        marker = await publish(http, balancer, users["alice"], {"topic": "lb", "event": "end"})
         for socket in sockets:
             await socket.wait_for(
                 lambda s: s.messages and s.messages[-1]["id"] == marker["id"], what="marker"
@@ -504,7 +455,7 @@ async def test_a_stopped_instance_is_skipped_and_its_clients_reconnect_to_the_ot
             assert response.status_code == 200 and response.json()["instance"] == "web-1", response.text
         again = await open_sockets(http, balancer, [users["bob"]] * len(on_web_2))
         assert {s.welcome["instance"] for s in again} == {"web-1"}
-        note = await publish(http, balancer.url, users["alice"], {"user": "bob", "event": "after-failover"})
+        note = await publish(http, balancer, users["alice"], {"user": "bob", "event": "after-failover"})
         live = [s for s in sockets if s not in on_web_2] + again
         for socket in live:
             await socket.wait_for(lambda s: any(m["id"] == note["id"] for m in s.messages), what="message")
@@ -571,12 +522,7 @@ def port_open(port: int) -> bool:
 @pytest.mark.slow
 async def test_bin_run_starts_the_deployment_and_ctrl_c_stops_it(transactional_db, namespace, tmp_path):
     lb_port, web_ports = free_port(), [free_port(), free_port()]
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RT_", "PYTEST_", "DJANGO_")) and key != "DATABASE_URL"
-    }
-    env |= {
+    env = clean_environ() | {
         "DJANGO_DEBUG": "1",
         "DATABASE_URL": cluster_support.test_database_url(),
         "DATABASE_CONN_MAX_AGE": "0",

@@ -15,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from notifications.models import Delivery
 from tests.support.broker import queue_stats
-from tests.support.clients import LiveSocket, ticket
+from tests.support.clients import open_socket, post_message, ticket
+from tests.support.processes import rss_kib
+from tests.support.waiting import eventually
 
 needs_rabbitmq_server = pytest.mark.skipif(
     shutil.which("rabbitmq-server") is None, reason="rabbitmq-server is not installed here"
@@ -30,26 +32,6 @@ def private_rabbit():
     rabbit = PrivateRabbit().start()
     yield rabbit
     rabbit.stop()
-
-
-async def open_socket(http, web, user) -> LiveSocket:
-    return await LiveSocket.open(f"{web.ws_url}?ticket={await ticket(http, web.url, user)}")
-
-
-async def publish(http, web, user, body) -> httpx.Response:
-    return await http.post(f"{web.url}/api/v1/messages/", json=body, headers=user.headers)
-
-
-async def poll(predicate, timeout: float, what: str):
-    """Await an async predicate until truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def is_ready(http, web) -> bool:
@@ -82,13 +64,13 @@ async def test_broker_restart_instances_and_workers_resume_and_nothing_accepted_
         for listener in (bob, carol):
             await listener.request({"type": "subscribe", "topic": "news"}, "subscribed")
         accepted = []
-        first = await publish(http, web_a, users["alice"], {"topic": "news", "event": "before"})
+        first = await post_message(http, web_a, users["alice"], {"topic": "news", "event": "before"})
         assert first.status_code == 202
         accepted.append(first.json()["id"])
 
         await asyncio.to_thread(private_rabbit.stop_app)
-        await poll(lambda: _not(is_ready(http, web_a)), 30, "web-1 to notice the outage")
-        during = await publish(http, web_a, users["alice"], {"topic": "news", "event": "during"})
+        await eventually(lambda: _not(is_ready(http, web_a)), 30, "web-1 to notice the outage")
+        during = await post_message(http, web_a, users["alice"], {"topic": "news", "event": "during"})
         assert during.status_code in (202, 503), during.text
         if during.status_code == 202:
             accepted.append(during.json()["id"])
@@ -103,16 +85,16 @@ async def test_broker_restart_instances_and_workers_resume_and_nothing_accepted_
 
         await asyncio.to_thread(private_rabbit.start_app)
         for web in (web_a, web_b):
-            await poll(lambda web=web: is_ready(http, web), 60, f"{web.name} to reconnect")
+            await eventually(lambda web=web: is_ready(http, web), 60, f"{web.name} to reconnect")
 
         async def workers_consuming():
             stats = await queue_stats(f"{cluster.namespace}.inbound", url=private_rabbit.url)
             return stats is not None and stats[1] >= 1
 
-        await poll(workers_consuming, 60, "the worker to consume again")
+        await eventually(workers_consuming, 60, "the worker to consume again")
         assert bob.closed_code is None and carol.closed_code is None, "sockets stay open through an outage"
 
-        after = await publish(http, web_b, users["alice"], {"topic": "news", "event": "after"})
+        after = await post_message(http, web_b, users["alice"], {"topic": "news", "event": "after"})
         assert after.status_code == 202
         accepted.append(after.json()["id"])
         for listener in (bob, carol):
@@ -127,7 +109,7 @@ async def test_broker_restart_instances_and_workers_resume_and_nothing_accepted_
             return {m["payload"]["inbound"] for m in s.messages if m["event"] == "echo"} >= set(receipts)
 
         await bob.wait_for(echoed, timeout=30, what="echoes")
-        marker = await publish(http, web_b, users["alice"], {"broadcast": True, "event": "end"})
+        marker = await post_message(http, web_b, users["alice"], {"broadcast": True, "event": "end"})
         for listener in (bob, carol):
             await listener.wait_for(lambda s: s.messages[-1]["id"] == marker.json()["id"], what="marker")
             topic_ids = [m["id"] for m in listener.messages if m["topic"] == "news"]
@@ -151,14 +133,14 @@ async def test_sigkill_of_one_instance_leaves_the_others_delivering(cluster, use
         on_b = await open_socket(http, web_b, users["bob"])
         web_a.kill()
         await on_a.wait_for(lambda s: s.closed_code is not None, what="the killed instance's socket to drop")
-        sent = await publish(http, web_b, users["alice"], {"user": "bob", "event": "after-kill"})
+        sent = await post_message(http, web_b, users["alice"], {"user": "bob", "event": "after-kill"})
         assert sent.status_code == 202
         await on_b.wait_for(
             lambda s: [m["id"] for m in s.messages] == [sent.json()["id"]], what="delivery on b"
         )
         # The client of the dead instance reconnects elsewhere and receives again.
         moved = await open_socket(http, web_b, users["bob"])
-        again = await publish(http, web_b, users["alice"], {"user": "bob", "event": "again"})
+        again = await post_message(http, web_b, users["alice"], {"user": "bob", "event": "again"})
         await moved.wait_for(
             lambda s: [m["id"] for m in s.messages] == [again.json()["id"]], what="after move"
         )
@@ -172,7 +154,7 @@ async def test_sigterm_drains_closes_sockets_with_1001_and_flushes_the_delivery_
     web.wait_ready()
     async with httpx.AsyncClient(timeout=30) as http:
         sockets = [await open_socket(http, web, users["bob"]) for _ in range(3)]
-        sent = await publish(http, web, users["alice"], {"user": "bob", "event": "last"})
+        sent = await post_message(http, web, users["alice"], {"user": "bob", "event": "last"})
         for s in sockets:
             await s.wait_for(lambda s: len(s.messages) == 1, what="the message")
         started = time.monotonic()
@@ -211,13 +193,6 @@ def _raw_socket_that_never_reads(port: int, ticket_value: str) -> socket.socket:
     return raw
 
 
-def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
 async def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded(cluster, users):
     web = cluster.add_web(RT_SOCKET_MAX_BUFFER_BYTES=str(256 * 1024))
     web.wait_ready()
@@ -232,12 +207,12 @@ async def test_a_client_that_never_reads_is_closed_and_memory_stays_bounded(clus
         pulses = []
         try:
             for n in range(300):
-                response = await publish(
+                response = await post_message(
                     http, web, users["alice"], {"user": "carol", "event": "big", "payload": chunk}
                 )
                 assert response.status_code == 202
                 if n % 10 == 0:
-                    pulse = await publish(
+                    pulse = await post_message(
                         http, web, users["alice"], {"topic": "pulse", "event": "p", "payload": n}
                     )
                     pulses.append(pulse.json()["id"])
@@ -271,7 +246,7 @@ async def test_metrics_parse_and_move_as_messages_flow(cluster, users):
         bob = await open_socket(http, web, users["bob"])
         for n in range(3):
             assert (
-                await publish(http, web, users["alice"], {"user": "bob", "payload": n})
+                await post_message(http, web, users["alice"], {"user": "bob", "payload": n})
             ).status_code == 202
         await bob.wait_for(lambda s: len(s.messages) == 3, what="messages")
         after = (await http.get(f"{web.url}/metrics")).text
