@@ -1,11 +1,11 @@
-"""Shared pieces of the benchmarks: processes, databases, users, broker cleanup, statistics.
+"""Shared pieces of the benchmarks: deployments' environments, databases, users, statistics.
 
 The orchestrating process never imports Django: the servers, the workers and the one-off
-management commands run as subprocesses with the benchmark's environment, exactly as a
-deployment would run them.
+database tasks (bench/tasks.py, migrate) run as subprocesses with the benchmark's environment,
+exactly as a deployment would run them. Processes, ports and broker helpers are the tests'
+(tests/support/), so a benchmark starts and watches its servers exactly as the tests do.
 """
 
-import asyncio
 import json
 import math
 import os
@@ -13,8 +13,6 @@ import platform
 import resource
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,20 +23,31 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+from tests.support.processes import (
+    PROJECT_APP,
+    PYTHON,
+    ROOT,
+    Proc,
+    clean_environ,
+    daphne_argv,
+    free_port,
+    proc_status,
+    rss_kib,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+# Re-exported for the benchmark scripts (`common.rss_kib(...)`, `from bench.common import ROOT`).
+__all__ = ["PROJECT_APP", "PYTHON", "ROOT", "Proc", "proc_status", "rss_kib"]
+
 BENCH = ROOT / "bench"
 LOGS = BENCH / "logs"
-PYTHON = sys.executable
-BIN = Path(PYTHON).parent
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEFAULT_PG_URL = "postgres://postgres@127.0.0.1:5432/rt_bench"
 # Every phase of every benchmark ends by this many seconds, whatever happens.
 PHASE_TIMEOUT = 120.0
 START_TIMEOUT = 45.0
-PROJECT_APP = "realtime_project.asgi:application"
+# Seconds a server may take to drain its sockets after SIGTERM before it is killed.
+STOP_TIMEOUT = 30.0
 BASELINE_APP = "bench.baseline.asgi:application"
 EXIT_VIOLATION = 3
 # One secret for every process this benchmark starts: a ticket from one instance is valid on the other.
@@ -47,12 +56,6 @@ SECRET_KEY = "bench-" + secrets.token_hex(24)
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -65,21 +68,6 @@ def raise_fd_limit(wanted: int) -> int:
         except (ValueError, OSError) as exc:
             log(f"could not raise the open-files limit to {target}: {exc}")
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def proc_status(pid: int, name: str) -> int | None:
-    """A number from /proc/<pid>/status (VmRSS is in KiB)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{name}:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_kib(pid: int) -> int | None:
-    return proc_status(pid, "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -131,111 +119,8 @@ def machine() -> dict[str, Any]:
 # --- processes ----------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    """A server or worker process of the benchmark, logging to bench/logs/."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    port: int | None = None
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    def start(self) -> "Proc":
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{self.env.get('BENCH_RUN', 'run')}-{self.name}.log"
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def wait_log(self, needle: str, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
-            if self.log_path and needle in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name}: no {needle!r} in its log after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout` seconds (this process only, by its pid)."""
-        if self.process is None:
-            return None
-        if self.alive:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout:.0f}s: SIGKILL")
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def log_problems(self, limit: int = 8) -> dict[str, Any]:
-        """Count WARNING/ERROR/Traceback lines of the log, with a few examples."""
-        if self.log_path is None or not self.log_path.exists():
-            return {"count": 0, "examples": []}
-        bad = [
-            line
-            for line in self.log_path.read_text(errors="replace").splitlines()
-            if (" WARNING " in line or " ERROR " in line or "Traceback" in line or " CRITICAL " in line)
-            # Django logs each 503 of /readyz (polled while the instance connects) as an ERROR.
-            and "Service Unavailable: /readyz" not in line
-        ]
-        return {"count": len(bad), "examples": bad[:limit]}
-
-
-def base_env() -> dict[str, str]:
-    """The environment without this shell's deployment settings."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RT_", "DJANGO_", "PYTEST_", "BASELINE_")) and key != "DATABASE_URL"
-    } | {"PYTHONUNBUFFERED": "1"}
-
-
 def project_env(database_url: str, namespace: str, run_id: str, **extra: str) -> dict[str, str]:
-    env = base_env() | {
+    env = clean_environ() | {
         "DJANGO_SETTINGS_MODULE": "realtime_project.settings",
         # Production settings (no DEBUG), as a deployment would run.
         "DJANGO_DEBUG": "0",
@@ -252,7 +137,7 @@ def project_env(database_url: str, namespace: str, run_id: str, **extra: str) ->
 
 
 def baseline_env(prefix: str, run_id: str, **extra: str) -> dict[str, str]:
-    env = base_env() | {
+    env = clean_environ() | {
         "DJANGO_SETTINGS_MODULE": "bench.baseline.settings",
         "BASELINE_PREFIX": prefix,
         "BASELINE_REDIS_URL": REDIS_URL,
@@ -262,28 +147,25 @@ def baseline_env(prefix: str, run_id: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def start_proc(name: str, argv: list[str], env: dict[str, str], port: int | None = None) -> Proc:
+    """A server or worker of the run `env["BENCH_RUN"]`, logging to bench/logs/<run>-<name>.log."""
+    log_path = LOGS / f"{env.get('BENCH_RUN', 'run')}-{name}.log"
+    return Proc(name=name, argv=argv, env=env, log_path=log_path, port=port).start()
+
+
 def daphne(name: str, env: dict[str, str], app: str) -> Proc:
     port = free_port()
-    argv = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), app]
-    return Proc(name, argv, env, port=port).start()
+    return start_proc(name, daphne_argv(port, app), env, port)
 
 
-def manage(env: dict[str, str], *args: str, timeout: float = PHASE_TIMEOUT) -> str:
+def run_python(env: dict[str, str], *args: str, timeout: float = PHASE_TIMEOUT) -> str:
+    """`python ARGS` in the project folder with `env`: its output, or RuntimeError if it failed."""
     result = subprocess.run(
-        [PYTHON, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
-        raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        raise RuntimeError(f"python {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
-
-
-def stop_all(procs: list[Proc]) -> None:
-    """Stop every process, the others too when one of them fails to stop."""
-    for proc in procs:
-        try:
-            proc.stop()
-        except Exception as exc:
-            log(f"stopping {proc.name}: {exc}")
 
 
 # --- databases ----------------------------------------------------------------------------
@@ -346,41 +228,14 @@ def postgres_reachable(url: str) -> bool:
     return True
 
 
-USERS_SCRIPT = """
-import json, os
-from django.contrib.auth.models import Permission, User
-from rest_framework.authtoken.models import Token
-spec = json.loads(os.environ["BENCH_USERS"])
-names = [spec["publisher"]] + [f"{spec['prefix']}{i}" for i in range(spec["listeners"])]
-User.objects.bulk_create([User(username=n, password="!") for n in names], batch_size=500)
-users = {u.username: u for u in User.objects.filter(username__in=names)}
-users[spec["publisher"]].user_permissions.add(Permission.objects.get(codename="add_message"))
-Token.objects.bulk_create([Token(key=Token.generate_key(), user=users[n]) for n in names], batch_size=500)
-keys = dict(Token.objects.filter(user__username__in=names).values_list("user__username", "key"))
-with open(os.environ["BENCH_USERS_OUT"], "w") as out:
-    json.dump({"publisher": keys[spec["publisher"]], "listeners": [[n, keys[n]] for n in names[1:]]}, out)
-"""
-
-
 def prepare_project_database(db: BenchDatabase, listeners: int) -> dict[str, Any]:
     """Migrate, then create the publisher (notifications.add_message) and `listeners` users."""
     env = project_env(db.url, "bench-setup", "setup")
     started = time.monotonic()
-    manage(env, "migrate", "--noinput", timeout=300)
+    run_python(env, "manage.py", "migrate", "--noinput", timeout=300)
     log(f"migrated {db.kind} database in {time.monotonic() - started:.1f}s")
-    out = tempfile.NamedTemporaryFile(prefix="rt-bench-users-", suffix=".json", delete=False)
-    out.close()
-    try:
-        env = env | {
-            "BENCH_USERS": json.dumps(
-                {"publisher": "bench-publisher", "prefix": "bench-l", "listeners": listeners}
-            ),
-            "BENCH_USERS_OUT": out.name,
-        }
-        manage(env, "shell", "-c", USERS_SCRIPT)
-        return json.loads(Path(out.name).read_text())
-    finally:
-        os.unlink(out.name)
+    spec = {"publisher": "bench-publisher", "prefix": "bench-l", "listeners": listeners}
+    return json.loads(run_python(env, "-m", "bench.tasks", "users", json.dumps(spec)).splitlines()[-1])
 
 
 def baseline_users(listeners: int) -> dict[str, Any]:
@@ -392,13 +247,9 @@ def baseline_users(listeners: int) -> dict[str, Any]:
 
 
 def delete_namespace(env: dict[str, str], instance_ids: list[str]) -> None:
-    """Delete the queues and exchange of a run (tests/support/broker.py, in a subprocess)."""
-    code = (
-        "from tests.support.broker import delete_namespace_sync\n"
-        f"delete_namespace_sync({env['RT_NAMESPACE']!r}, {instance_ids!r})\n"
-    )
+    """Delete the queues and exchange of a run (tests/support/broker.py, with the run's settings)."""
     try:
-        manage(env, "shell", "-c", code, timeout=60)
+        run_python(env, "-m", "tests.support.broker", env["RT_NAMESPACE"], *instance_ids, timeout=60)
     except Exception as exc:
         log(f"could not delete namespace {env['RT_NAMESPACE']}: {exc}")
 
@@ -414,33 +265,6 @@ def delete_redis_prefix(prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
-
-
-async def queue_consumers(name: str) -> int:
-    import aio_pika
-
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        try:
-            queue = await channel.declare_queue(name, passive=True)
-        except aio_pika.exceptions.ChannelClosed:
-            return 0
-        return queue.declaration_result.consumer_count
-    finally:
-        await connection.close()
-
-
-def wait_consumers(queue: str, count: int, procs: list[Proc], timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if not proc.alive:
-                raise RuntimeError(f"{proc.name} exited early:\n{proc.log_tail()}")
-        if asyncio.run(queue_consumers(queue)) >= count:
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"fewer than {count} consumers on {queue} after {timeout:.0f}s")
 
 
 # --- statistics ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import httpx
 from bench import common
 from bench.common import Proc, log
 from bench.sockets import SocketSpec, Tickets, open_socket
+from tests.support.broker import wait_consumers
+from tests.support.processes import stop_all, worker_argv
 
 # --- servers --------------------------------------------------------------------------------
 
@@ -32,7 +34,7 @@ class Deployment:
             env = self.env | {"RT_INSTANCE_ID": name, "BASELINE_INSTANCE_ID": name}
             self.webs.append(common.daphne(name, env, app))
         for web in self.webs:
-            web.wait_ready()
+            web.wait_ready(common.START_TIMEOUT)
         return self
 
     def add_workers(self, count: int, concurrency: int) -> None:
@@ -40,18 +42,25 @@ class Deployment:
             name = f"worker-{i + 1}"
             env = self.env | {"RT_INSTANCE_ID": name, "BASELINE_INSTANCE_ID": name}
             if self.target == "project":
-                argv = [common.PYTHON, "manage.py", "run_workers", "--concurrency", str(concurrency)]
+                argv = worker_argv(concurrency)
             else:
                 argv = [common.PYTHON, "-m", "django", "runworker", "bench-echo"]
-            self.workers.append(Proc(name, argv, env).start())
+            self.workers.append(common.start_proc(name, argv, env))
         if self.target == "project":
-            common.wait_consumers(f"{self.run_id}.inbound", count, self.workers)
+            wait_consumers(
+                f"{self.run_id}.inbound",
+                count,
+                self.workers,
+                url=common.AMQP_URL,
+                timeout=common.START_TIMEOUT,
+            )
         else:
             for worker in self.workers:
-                worker.wait_log("Running worker")
+                worker.wait_log("Running worker", common.START_TIMEOUT)
 
-    def close(self) -> dict[str, Any]:
-        common.stop_all(self.webs + self.workers)
+    def close(self, notes: list[str]) -> None:
+        """Stop every process and delete what the run declared; add a note per log with problems."""
+        stop_all(self.webs + self.workers, common.STOP_TIMEOUT)
         if self.target == "project":
             common.delete_namespace(self.env, self.instance_ids)
         else:
@@ -59,7 +68,12 @@ class Deployment:
                 common.delete_redis_prefix(self.run_id)
             except Exception as exc:
                 log(f"could not delete redis keys {self.run_id}*: {exc}")
-        return {proc.name: proc.log_problems() for proc in self.webs + self.workers}
+        for proc in self.webs + self.workers:
+            found = proc.log_problems()
+            if found["count"]:
+                notes.append(
+                    f"{proc.name} log: {found['count']} warning/error lines, e.g. {found['examples'][:3]}"
+                )
 
 
 async def warm_up(deployment: Deployment, users: dict[str, Any], publish: bool) -> None:

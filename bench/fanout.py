@@ -111,7 +111,7 @@ async def publish(url: str, token: str | None, args: argparse.Namespace, mode: s
                     for seq in range(int(args.rate * args.duration)):
                         delay = start + seq / args.rate - time.monotonic()
                         if delay > 0:
-                            await asyncio.sleep(delay)
+                            await asyncio.sleep(delay)  # paces the load: `--rate` messages/s
                         await post(seq)
         except TimeoutError:
             log(
@@ -165,6 +165,8 @@ def run_fanout(
         for r in ready:
             for name, n in r["instances"].items():
                 per_instance[name] = per_instance.get(name, 0) + n
+        # Deliberate, not a wait for an event: RSS is read 1 s after the last socket is open and
+        # subscribed, as for every published figure, so runs stay comparable.
         time.sleep(1.0)
         after = rss(deployment.webs)
         log(f"{opened} sockets open ({per_instance}) in {open_seconds:.1f}s; publishing ({mode})")
@@ -221,12 +223,7 @@ def run_fanout(
     finally:
         if pool is not None:
             pool.stop()
-        problems = deployment.close()
-        for name, found in problems.items():
-            if found["count"]:
-                notes.append(
-                    f"{name} log: {found['count']} warning/error lines, e.g. {found['examples'][:3]}"
-                )
+        deployment.close(notes)
 
 
 def analyse(records: list[dict[str, Any]], results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -303,7 +300,7 @@ def run_idle(args: argparse.Namespace, db_url: str | None, users: dict[str, Any]
         before = common.rss_kib(web.pid) or 0
         pool = start_listeners(args, args.idle, [web], users, None)
         _, open_seconds, opened, failed = await_listeners(pool, args, notes)
-        time.sleep(2.0)
+        time.sleep(2.0)  # deliberate, as above: RSS 2 s after the last handshake
         after = common.rss_kib(web.pid) or 0
         metrics = {
             "idle_sockets": opened,
@@ -317,12 +314,7 @@ def run_idle(args: argparse.Namespace, db_url: str | None, users: dict[str, Any]
     finally:
         if pool is not None:
             pool.stop()
-        problems = deployment.close()
-        for name, found in problems.items():
-            if found["count"]:
-                notes.append(
-                    f"{name} log: {found['count']} warning/error lines, e.g. {found['examples'][:3]}"
-                )
+        deployment.close(notes)
 
 
 # --- main ---------------------------------------------------------------------------------

@@ -52,28 +52,13 @@ LABELS = {
     "worker_2_share_pct": "worker-2 share %",
 }
 
-SHARE_SCRIPT = """
-import json, os
-from django.db.models import Count
-from notifications.models import InboundFrame
-ids = json.load(open(os.environ["BENCH_IDS"]))
-by_worker, by_status = {}, {}
-for start in range(0, len(ids), 1000):
-    chunk = ids[start:start + 1000]
-    for row in InboundFrame.objects.filter(id__in=chunk).values("processed_by").annotate(n=Count("id")):
-        by_worker[row["processed_by"]] = by_worker.get(row["processed_by"], 0) + row["n"]
-    for row in InboundFrame.objects.filter(id__in=chunk).values("status").annotate(n=Count("id")):
-        by_status[row["status"]] = by_status.get(row["status"], 0) + row["n"]
-print(json.dumps({"by_worker": by_worker, "by_status": by_status}))
-"""
-
 
 def frame_records(env: dict[str, str], ids: list[str]) -> dict[str, Any]:
-    """Which worker processed the frames, and their statuses, from the database."""
+    """Which worker processed the frames, and their statuses, from the database (bench/tasks.py)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
         json.dump(ids, out)
     try:
-        output = common.manage(env | {"BENCH_IDS": out.name}, "shell", "-c", SHARE_SCRIPT)
+        output = common.run_python(env, "-m", "bench.tasks", "frames", out.name)
         return json.loads(output.strip().splitlines()[-1])
     finally:
         os.unlink(out.name)
@@ -135,12 +120,7 @@ def run_inbound(args: argparse.Namespace, db_url: str | None, users: dict[str, A
     finally:
         if pool is not None:
             pool.stop()
-        problems = deployment.close()
-        for name, found in problems.items():
-            if found["count"]:
-                notes.append(
-                    f"{name} log: {found['count']} warning/error lines, e.g. {found['examples'][:3]}"
-                )
+        deployment.close(notes)
 
 
 def analyse(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str], dict[str, int]]:

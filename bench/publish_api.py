@@ -67,12 +67,7 @@ def run_publish(args: argparse.Namespace, db_url: str | None, users: dict[str, A
         }
         return {"metrics": metrics, "notes": notes}
     finally:
-        problems = deployment.close()
-        for name, found in problems.items():
-            if found["count"]:
-                notes.append(
-                    f"{name} log: {found['count']} warning/error lines, e.g. {found['examples'][:3]}"
-                )
+        deployment.close(notes)
 
 
 def main(argv: list[str] | None = None) -> int:

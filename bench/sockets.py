@@ -11,6 +11,7 @@ import collections
 import gc
 import multiprocessing
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -150,12 +151,19 @@ def without_collector() -> None:
     gc.disable()
 
 
-def listener_main(conn: Connection, cfg: dict[str, Any]) -> None:
+def _client_main(
+    client: Callable[[Connection, dict[str, Any]], Awaitable[None]], conn: Connection, cfg: dict[str, Any]
+) -> None:
+    """A client process's body: no collector, `client` in an event loop, a failure reported."""
     without_collector()
     try:
-        asyncio.run(_listener(conn, cfg))
+        asyncio.run(client(conn, cfg))
     except Exception as exc:
         conn.send(("failed", {"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def listener_main(conn: Connection, cfg: dict[str, Any]) -> None:
+    _client_main(_listener, conn, cfg)
 
 
 async def _listener(conn: Connection, cfg: dict[str, Any]) -> None:
@@ -213,7 +221,7 @@ async def _listener(conn: Connection, cfg: dict[str, Any]) -> None:
                     except TimeoutError:
                         pass
                 timed_out = not done.is_set()
-                await asyncio.sleep(GRACE_SECONDS)
+                await asyncio.sleep(GRACE_SECONDS)  # deliberate: late duplicates arrive now
                 conn.send(("result", _fanout_result(sockets, timed_out)))
     finally:
         await close_all(sockets)
@@ -243,11 +251,7 @@ def _fanout_result(sockets: list[Sock], timed_out: bool) -> dict[str, Any]:
 
 
 def sender_main(conn: Connection, cfg: dict[str, Any]) -> None:
-    without_collector()
-    try:
-        asyncio.run(_sender(conn, cfg))
-    except Exception as exc:
-        conn.send(("failed", {"error": f"{type(exc).__name__}: {exc}"}))
+    _client_main(_sender, conn, cfg)
 
 
 @dataclass
@@ -353,7 +357,7 @@ async def _sender(conn: Connection, cfg: dict[str, Any]) -> None:
                 await asyncio.wait_for(all_done.wait(), 0.5)
             except TimeoutError:
                 pass
-        await asyncio.sleep(GRACE_SECONDS)
+        await asyncio.sleep(GRACE_SECONDS)  # deliberate: late duplicates arrive now
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
