@@ -1,6 +1,7 @@
 """Admin for the delivery log: read-only where editing would falsify it."""
 
 from django.contrib import admin, messages
+from django.contrib.auth import get_permission_codename
 from django.db.models import Count, Q
 from django.urls import reverse
 from django.utils.html import format_html
@@ -107,6 +108,11 @@ class DeliveryAdmin(ReadOnlyAdmin):
     def acked(self, obj):
         return obj.acked_at is not None
 
+    def has_delete_permission(self, request, obj=None):
+        """The delivery log is evidence: only a superuser may remove rows of it (e.g. to comply
+        with an erasure request). Old rows go with `manage.py prune_realtime`."""
+        return request.user.is_active and request.user.is_superuser
+
 
 @admin.register(Topic)
 class TopicAdmin(admin.ModelAdmin):
@@ -162,7 +168,16 @@ class InboundFrameAdmin(ReadOnlyAdmin):
     def short_error(self, obj):
         return (obj.error[:80] + "…") if len(obj.error) > 80 else obj.error
 
-    @admin.action(description="Requeue the selected dead frames")
+    def has_requeue_permission(self, request) -> bool:
+        """Requeueing changes frames (status, attempts): it needs the change permission, not view.
+
+        `has_change_permission` says no to everyone here (the form is read-only), so the action
+        asks for the permission itself.
+        """
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.{get_permission_codename('change', opts)}")
+
+    @admin.action(description="Requeue the selected dead frames", permissions=["requeue"])
     def requeue_dead(self, request, queryset):
         outcome = requeue_dead_frames(
             list(queryset.filter(status=InboundFrame.Status.DEAD).values_list("id", flat=True))

@@ -138,13 +138,20 @@ class InboundFrame(models.Model):
 
 
 class IdempotencyKey(models.Model):
-    """An accepted publish request's key, so a retry answers with the same message."""
+    """An accepted publish request's key, so a retry answers with the same message.
+
+    Deleting the message keeps the key (`message` becomes null, `completed_at` stays): a retry
+    then learns that its message was deleted instead of publishing it a second time.
+    """
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     key = models.CharField(max_length=255)
     request_hash = models.CharField(max_length=64)
-    message = models.ForeignKey(Message, null=True, on_delete=models.CASCADE, related_name="+")
+    message = models.ForeignKey(Message, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    completed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the request was accepted (null while in flight)."
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "key"], name="one_idempotency_key")]

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
 from rest_framework.response import Response
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 PERMISSION_CACHE_SECONDS = 10.0
 # Room for the envelope around a payload of the largest allowed size.
 REQUEST_OVERHEAD_BYTES = 16 * 1024
+# A retry whose key's message was deleted publishes nothing and gets this 404.
+MESSAGE_DELETED = "The message published with this Idempotency-Key was deleted."
 
 
 class CanPublish(DjangoModelPermissions):
@@ -80,6 +82,7 @@ class MessageCreateView(APIView):
         responses={
             202: MessageSerializer,
             400: OpenApiResponse(description="Bad input (field errors)"),
+            404: OpenApiResponse(description="The message published with this Idempotency-Key was deleted"),
             409: OpenApiResponse(description="A request with this Idempotency-Key is still in flight"),
             413: OpenApiResponse(description="Payload larger than RT_MAX_PAYLOAD_BYTES"),
             422: OpenApiResponse(description="Idempotency-Key reused with a different body"),
@@ -110,8 +113,12 @@ class MessageCreateView(APIView):
                 raise Conflict("A request with this Idempotency-Key is still in flight.") from None
             except idempotency.KeyReused:
                 raise Unprocessable("This Idempotency-Key was used with a different body.") from None
+            except idempotency.KeyMessageDeleted:
+                raise NotFound(MESSAGE_DELETED) from None
             if claim.replay is not None:
-                replay = selectors.visible_messages(request.user).get(pk=claim.replay.pk)
+                replay = selectors.visible_messages(request.user).filter(pk=claim.replay.pk).first()
+                if replay is None:  # deleted since the claim
+                    raise NotFound(MESSAGE_DELETED)
                 return self._accepted(replay)
 
         data = serializer.validated_data

@@ -27,6 +27,10 @@ class KeyReused(Exception):
     """This key was used with a different body (422)."""
 
 
+class KeyMessageDeleted(Exception):
+    """The message published with this key was deleted since (404): publish nothing again."""
+
+
 @dataclass
 class Claim:
     """A claimed key: either ours to use (`record`), or a finished replay (`replay`)."""
@@ -52,22 +56,25 @@ def claim(user: AbstractBaseUser, key: str, body: Any) -> Claim:
             if existing is None:
                 continue  # released meanwhile: try again
             expired = existing.created_at < now - KEY_LIFETIME
-            abandoned = existing.message_id is None and existing.created_at < now - IN_FLIGHT_LIMIT
+            in_flight = existing.completed_at is None
+            abandoned = in_flight and existing.created_at < now - IN_FLIGHT_LIMIT
             if expired or abandoned:
                 IdempotencyKey.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
                 continue
             if existing.request_hash != digest:
                 raise KeyReused() from None
-            if existing.message_id is None:
+            if in_flight:
                 raise KeyInFlight() from None
+            if existing.message is None:
+                raise KeyMessageDeleted() from None
             return Claim(replay=existing.message)
     raise KeyInFlight()
 
 
 def complete(record: IdempotencyKey, message: Message) -> None:
-    IdempotencyKey.objects.filter(pk=record.pk).update(message=message)
+    IdempotencyKey.objects.filter(pk=record.pk).update(message=message, completed_at=timezone.now())
 
 
 def release(record: IdempotencyKey) -> None:
     """Forget a key whose request was not accepted, so the client may retry with it."""
-    IdempotencyKey.objects.filter(pk=record.pk, message__isnull=True).delete()
+    IdempotencyKey.objects.filter(pk=record.pk, completed_at__isnull=True).delete()
