@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobu
 from django.conf import settings
 from django.utils import timezone
 
+from consumers_app.account_watch import watch_accounts
 from consumers_app.inbound_submitter import InboundSubmitter
 from consumers_app.registry import Socket, SocketRegistry
 from consumers_app.transport import text_frame
@@ -48,6 +49,7 @@ class InstanceBridge:
         self._broadcast: AbstractExchange | None = None
         self._default: AbstractExchange | None = None
         self._start_task: asyncio.Task | None = None
+        self._account_watch: asyncio.Task | None = None
         self._started = asyncio.Event()
         self._stop = asyncio.Event()
         self._recent: OrderedDict[str, None] = OrderedDict()
@@ -96,6 +98,9 @@ class InstanceBridge:
         self._default = publish.default_exchange
 
         self.log.start()
+        self._account_watch = asyncio.get_running_loop().create_task(
+            watch_accounts(self.registry, self._stop), name="account-watch"
+        )
         self._started.set()
         metrics.broker_connected.set(1)
         logger.info("bridge ready: consuming %s", queue.name)
@@ -118,6 +123,8 @@ class InstanceBridge:
                 await self._start_task
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._account_watch is not None:
+            self._account_watch.cancel()
         await self.log.stop()
         if self.connection is not None and not self.connection.is_closed:
             await self.connection.close()

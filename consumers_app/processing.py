@@ -38,6 +38,8 @@ class Verdict(enum.Enum):
     SKIP = "skip"  # nothing to do (a stale copy of a dead frame, a duplicate): ack
 
 
+# Read once, at start: see `_test_crash_point`.
+CRASH_AFTER_COMMIT_HOOK = os.environ.get("RT_TEST_CRASH_AFTER_COMMIT") == "1"
 # The longest event name a record keeps (InboundFrame.event).
 EVENT_MAX_CHARS = 100
 
@@ -106,8 +108,9 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
             inbound_service.save_attempts(changed)
         if replies:
             store_messages(replies)
-    for frame in changed:
-        _test_crash_point(frame)
+    if CRASH_AFTER_COMMIT_HOOK:
+        for frame in changed:
+            _test_crash_point(frame)
     return outcomes
 
 
@@ -172,9 +175,11 @@ def _failed(frame: InboundFrame, exc: Exception, now: datetime) -> Outcome:
 
 
 def _test_crash_point(frame: InboundFrame) -> None:
-    """Test hook: die between commit and ack, for the frame that asks for it (never in production)."""
-    if os.environ.get("RT_TEST_CRASH_AFTER_COMMIT") != "1":
-        return
+    """Test hook: die between commit and ack, for the frame that asks for it.
+
+    Inert unless the worker process was started with RT_TEST_CRASH_AFTER_COMMIT=1 (the fault
+    tests do): production workers never read a frame's payload for it.
+    """
     if (
         frame.status == InboundFrame.Status.PROCESSED
         and isinstance(frame.payload, dict)

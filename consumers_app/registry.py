@@ -10,6 +10,8 @@ class Socket(Protocol):
 
     def deliver(self, frame: bytes, wire: bytes | None = None) -> bool: ...
 
+    async def close_with(self, code: int, reason: str) -> None: ...
+
 
 class SocketRegistry:
     """Plain dicts and sets: the event loop is the only thread that touches them."""

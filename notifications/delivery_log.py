@@ -18,9 +18,6 @@ from notifications.services import deliveries as services
 
 logger = logging.getLogger(__name__)
 
-# Rows kept while the database is unreachable; past this the oldest are dropped (and logged).
-MAX_BUFFERED_ROWS = 500_000
-
 
 class DeliveryLogWriter:
     """One per web instance; flushed by its own task and once more at shutdown."""
@@ -29,6 +26,8 @@ class DeliveryLogWriter:
         self.instance_id = instance_id
         self.enabled = settings.RT_DELIVERY_LOG_ENABLED
         self.interval = settings.RT_DELIVERY_LOG_INTERVAL
+        # Rows kept while the database is slow, down or hanging; past this the oldest are dropped.
+        self.max_rows: int = settings.RT_DELIVERY_LOG_MAX_BUFFERED
         self._deliveries: list[services.DeliveryRow] = []
         self._acks: list[services.AckRow] = []
         self._task: asyncio.Task | None = None
@@ -39,10 +38,14 @@ class DeliveryLogWriter:
         if self.enabled:
             instance = self.instance_id
             self._deliveries += [(message_id, s.user_id, s.connection_id, instance, at) for s in sockets]
+            if len(self._deliveries) > self.max_rows:
+                self._trim()
 
     def record_ack(self, message_id: uuid.UUID, connection: str, at: datetime.datetime) -> None:
         if self.enabled:
             self._acks.append((message_id, connection, at))
+            if len(self._acks) > self.max_rows:
+                self._trim()
 
     @property
     def pending(self) -> int:
@@ -88,11 +91,15 @@ class DeliveryLogWriter:
                 metrics.delivery_log_rows.inc(len(deliveries))
 
     def _trim(self) -> None:
-        excess = len(self._deliveries) - MAX_BUFFERED_ROWS
-        if excess > 0:
-            logger.error("delivery log buffer full: dropping the %d oldest delivery rows", excess)
-            del self._deliveries[:excess]
-        excess = len(self._acks) - MAX_BUFFERED_ROWS
-        if excess > 0:
-            logger.error("delivery log buffer full: dropping the %d oldest acks", excess)
-            del self._acks[:excess]
+        """Keep the buffer within `max_rows` whatever the database does (a hanging flush included).
+
+        Drops a tenth more than the excess, so a full buffer is not trimmed (and logged) at
+        every single delivery.
+        """
+        for rows, what in ((self._deliveries, "delivery rows"), (self._acks, "acks")):
+            excess = len(rows) - self.max_rows
+            if excess > 0:
+                excess += self.max_rows // 10
+                logger.error("delivery log buffer full: dropping the %d oldest %s", excess, what)
+                metrics.delivery_log_dropped.inc(excess)
+                del rows[:excess]

@@ -45,4 +45,7 @@ inbound_queued = _counter("rt_inbound_queued", "Inbound frames confirmed onto th
 inbound_processed = _counter("rt_inbound_processed", "Inbound frames processed by this worker")
 inbound_failed = _counter("rt_inbound_failed", "Inbound frame attempts whose handler raised")
 inbound_dead = _counter("rt_inbound_dead", "Inbound frames dead-lettered")
+delivery_log_dropped = _counter(
+    "rt_delivery_log_dropped", "Delivery log rows dropped because the database could not keep up"
+)
 delivery_log_rows = _counter("rt_delivery_log_rows", "Delivery log rows written")

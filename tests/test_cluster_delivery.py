@@ -10,7 +10,7 @@ import pytest
 import websockets
 from django.contrib.auth.models import User
 
-from consumers_app.auth import issue_ticket
+from notifications.tickets import issue_ticket
 from tests.support.clients import LiveSocket, open_socket, post_message, publish, ticket
 from tests.support.processes import free_port
 from tests.support.waiting import eventually

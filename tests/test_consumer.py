@@ -8,8 +8,8 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Group, User
 
-from consumers_app.auth import issue_ticket
 from notifications.models import Delivery, InboundFrame, Message, Topic
+from notifications.tickets import issue_ticket
 from realtime_project.asgi import application
 
 
@@ -198,9 +198,36 @@ async def test_handshake_refused_from_a_foreign_origin(bridge, users):
     )
     connected, _ = await foreign.connect(timeout=5)
     assert not connected
+    # The same host on another port or scheme is another origin.
+    for origin, host in [
+        (b"http://localhost:9999", b"localhost:8000"),
+        (b"https://localhost:8000", b"localhost:8000"),
+        (b"http://localhost:8000", b"evil.example:8000"),
+    ]:
+        other = WebsocketCommunicator(
+            application, f"/ws/?ticket={ticket}", headers=[(b"origin", origin), (b"host", host)]
+        )
+        connected, _ = await other.connect(timeout=5)
+        assert not connected, (origin, host)
     local = WebsocketCommunicator(
-        application, f"/ws/?ticket={ticket}", headers=[(b"origin", b"http://localhost:8000")]
+        application,
+        f"/ws/?ticket={ticket}",
+        headers=[(b"origin", b"http://localhost:8000"), (b"host", b"localhost:8000")],
     )
     connected, _ = await local.connect(timeout=5)
     assert connected
     await local.disconnect()
+
+
+async def test_a_trusted_origin_of_another_port_may_open_a_socket(bridge, users, settings):
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example.com"]
+    user = await database_sync_to_async(User.objects.get)(username="bob")
+    ticket = await database_sync_to_async(issue_ticket)(user)
+    trusted = WebsocketCommunicator(
+        application,
+        f"/ws/?ticket={ticket}",
+        headers=[(b"origin", b"https://app.example.com"), (b"host", b"localhost:8000")],
+    )
+    connected, _ = await trusted.connect(timeout=5)
+    assert connected
+    await trusted.disconnect()

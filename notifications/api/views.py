@@ -2,8 +2,10 @@
 
 import logging
 import time
+from typing import cast
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
@@ -13,7 +15,6 @@ from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from consumers_app.auth import issue_ticket
 from notifications import selectors
 from notifications.api.errors import BrokerUnavailableError, Conflict, PayloadTooLarge, Unprocessable
 from notifications.api.serializers import (
@@ -21,12 +22,13 @@ from notifications.api.serializers import (
     MessageSerializer,
     PublishSerializer,
     TicketSerializer,
-    payload_too_large,
+    too_large,
 )
 from notifications.broker import BrokerUnavailable
 from notifications.models import Delivery, Message
 from notifications.services import idempotency
 from notifications.services.messages import create_message, publish_from_web
+from notifications.tickets import issue_ticket
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +99,11 @@ class MessageCreateView(APIView):
                 f"The request body is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes allow."
             )
         body = request.data
-        if isinstance(body, dict) and payload_too_large(body.get("payload")):
-            raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
         serializer = PublishSerializer(data=body)
-        serializer.is_valid(raise_exception=True)
+        if not serializer.is_valid():
+            if too_large(serializer.errors):
+                raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
+            raise ValidationError(serializer.errors)
 
         key = request.headers.get("Idempotency-Key")
         claim = None
@@ -133,19 +136,26 @@ class MessageCreateView(APIView):
                     publisher=request.user,
                     origin_instance=settings.RT_INSTANCE_ID,
                 )
-            publish_from_web(message)
-        except BrokerUnavailable:
-            if claim is not None:
-                idempotency.release(claim.record)
-            raise BrokerUnavailableError() from None
+                if claim is not None and claim.record is not None:
+                    # Committed with the message: from here on a retry can only find this one.
+                    idempotency.attach(claim.record, message)
         except BaseException:
-            if claim is not None:
+            if claim is not None and claim.record is not None:
                 idempotency.release(claim.record)
             raise
-        if claim is not None:
-            idempotency.complete(claim.record, message)
+        try:
+            publish_from_web(message)
+        except BrokerUnavailable:
+            if claim is not None and claim.record is not None:
+                idempotency.release(claim.record)
+            raise BrokerUnavailableError() from None
+        finally:
+            # Whatever failed after the broker took it (recording the confirm, say), the key
+            # stays with this message: a retry answers with it and publishes nothing.
+            if claim is not None and claim.record is not None and message.status != Message.Status.FAILED:
+                idempotency.complete(claim.record, message)
         # The record as accepted: its delivery log is written in batches, a moment later (GET it).
-        message._prefetched_objects_cache = {"deliveries": Delivery.objects.none()}
+        message._prefetched_objects_cache = {"deliveries": Delivery.objects.none()}  # type: ignore[attr-defined]  # Django's private prefetch cache
         return self._accepted(message)
 
     def _accepted(self, message: Message) -> Response:
@@ -156,14 +166,14 @@ class MessageDetailView(RetrieveAPIView):
     serializer_class = MessageSerializer
 
     def get_queryset(self):
-        return selectors.visible_messages(self.request.user)
+        return selectors.visible_messages(cast(User, self.request.user))  # IsAuthenticated
 
 
 class InboundDetailView(RetrieveAPIView):
     serializer_class = InboundFrameSerializer
 
     def get_queryset(self):
-        return selectors.visible_inbound(self.request.user)
+        return selectors.visible_inbound(cast(User, self.request.user))  # IsAuthenticated
 
 
 class TicketView(APIView):

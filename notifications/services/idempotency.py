@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -44,7 +44,7 @@ def request_hash(body: Any) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def claim(user: AbstractBaseUser, key: str, body: Any) -> Claim:
+def claim(user: User, key: str, body: Any) -> Claim:
     digest = request_hash(body)
     now = timezone.now()
     for _ in range(3):
@@ -58,7 +58,19 @@ def claim(user: AbstractBaseUser, key: str, body: Any) -> Claim:
             expired = existing.created_at < now - KEY_LIFETIME
             in_flight = existing.completed_at is None
             abandoned = in_flight and existing.created_at < now - IN_FLIGHT_LIMIT
-            if expired or abandoned:
+            if expired:
+                IdempotencyKey.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
+                continue
+            if (
+                abandoned
+                and existing.message is not None
+                and existing.message.status != Message.Status.FAILED
+            ):
+                # Its process died after the message was stored: the broker may have it, and
+                # the sweeper publishes it if not. Publishing again would make two.
+                complete(existing, existing.message)
+                in_flight = False
+            elif abandoned:
                 IdempotencyKey.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
                 continue
             if existing.request_hash != digest:
@@ -71,10 +83,16 @@ def claim(user: AbstractBaseUser, key: str, body: Any) -> Claim:
     raise KeyInFlight()
 
 
+def attach(record: IdempotencyKey, message: Message) -> None:
+    """Tie the key to its message in the transaction that stores the message (still in flight)."""
+    IdempotencyKey.objects.filter(pk=record.pk).update(message=message)
+
+
 def complete(record: IdempotencyKey, message: Message) -> None:
     IdempotencyKey.objects.filter(pk=record.pk).update(message=message, completed_at=timezone.now())
 
 
 def release(record: IdempotencyKey) -> None:
-    """Forget a key whose request was not accepted, so the client may retry with it."""
+    """Forget a key whose request was not accepted (nothing reached the broker), so the client
+    may retry with it."""
     IdempotencyKey.objects.filter(pk=record.pk, completed_at__isnull=True).delete()
