@@ -58,6 +58,11 @@ http {{
     server {{
         listen {listen};
 
+        # Metrics stay on each instance's own port, for the scraper; never on the public one.
+        location = /metrics {{
+            return 404;
+        }}
+
         location / {{
             proxy_pass http://realtime_web;
             proxy_http_version 1.1;
