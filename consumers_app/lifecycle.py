@@ -54,7 +54,7 @@ async def drain_and_stop() -> None:
     deadline = threading.Timer(settings.RT_DRAIN_SECONDS, os._exit, args=(0,))
     deadline.daemon = True
     deadline.start()
-    reactor.stop()
+    reactor.stop()  # type: ignore[misc]  # Twisted's zope interfaces need the mypy-zope plugin
 
 
 async def drain() -> None:

@@ -8,7 +8,7 @@ once its frames are safe elsewhere.
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
@@ -85,7 +85,9 @@ class Settler:
                 message_id=str(message.message_id or "unreadable"),
                 routing_key=self.topology.dead_queue,
                 mandatory=True,
-                headers=_dead_headers(error, int((message.headers or {}).get("x-delivery-count") or 0)),
+                headers=_dead_headers(
+                    error, int(cast(Any, (message.headers or {}).get("x-delivery-count")) or 0)
+                ),
             ),
         )
         await self.ack(message)

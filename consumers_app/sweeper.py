@@ -65,7 +65,7 @@ class Sweeper:
             message.published_at = message.published_at or now
             await self.outages.until_broker_recovers(
                 str(message.id),
-                lambda m=message: broker.publish(self.broadcast, broker_body(m), message_id=str(m.id)),
+                lambda m=message: broker.publish(self.broadcast, broker_body(m), message_id=str(m.id)),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
             )
         if messages:
             await self.outages.until_database_recovers(
@@ -80,7 +80,7 @@ class Sweeper:
         for frame in frames:
             await self.outages.until_broker_recovers(
                 str(frame.id),
-                lambda f=frame: broker.publish(
+                lambda f=frame: broker.publish(  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
                     self.default_exchange,
                     queue_body(f),
                     message_id=str(f.id),

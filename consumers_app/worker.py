@@ -271,14 +271,16 @@ class InboundWorker:
                 await self.outages.until_database_recovers(
                     "recording a failed reply",
                     ids,
-                    lambda r=reply, e=exc: mark_failed(r, f"unencodable: {e}"),
+                    lambda r=reply, e=exc: mark_failed(r, f"unencodable: {e}"),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
                 )
 
         async def publish_chunk(chunk: list[tuple[Message, bytes]]) -> None:
+            broadcast = self._broadcast
+            assert broadcast is not None, "the worker is not connected"
             body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded in chunk])
             message_id = broker.message_id_for([str(reply.id) for reply, _ in chunk])
             await self.outages.until_broker_recovers(
-                ids, lambda: broker.publish(self._broadcast, body, message_id=message_id)
+                ids, lambda: broker.publish(broadcast, body, message_id=message_id)
             )
 
         await asyncio.gather(

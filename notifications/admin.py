@@ -22,8 +22,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 class DeliveryInline(admin.TabularInline):
     model = Delivery
-    fields = ["user", "connection", "instance", "delivered_at", "acked_at"]
-    readonly_fields = fields
+    readonly_fields = ("user", "connection", "instance", "delivered_at", "acked_at")
+    fields = readonly_fields
     extra = 0
     can_delete = False
     show_change_link = True

@@ -8,7 +8,7 @@ hand: the robust connection re-declares what was declared on it.
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ class Topology:
     def retry_queue(self, delay_seconds: int) -> str:
         return f"{self.namespace}.inbound.retry.{delay_seconds}s"
 
-    def all_queue_names(self, instance_ids: list[str] = ()) -> list[str]:
+    def all_queue_names(self, instance_ids: Iterable[str] = ()) -> list[str]:
         names = [self.inbound_queue, self.dead_queue]
         names += [self.retry_queue(delay) for delay in settings.RT_INBOUND_RETRY_DELAYS]
         names += [self.instance_queue(i) for i in instance_ids]

@@ -1,12 +1,12 @@
 """Reads: who may see which record."""
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Prefetch, QuerySet
 
 from notifications.models import Delivery, InboundFrame, Message
 
 
-def visible_messages(user: AbstractBaseUser) -> QuerySet[Message]:
+def visible_messages(user: User) -> QuerySet[Message]:
     """Publishers see their own messages; staff see all."""
     messages = Message.objects.select_related("user").prefetch_related(
         Prefetch("deliveries", queryset=Delivery.objects.select_related("user").order_by("delivered_at"))
@@ -14,7 +14,7 @@ def visible_messages(user: AbstractBaseUser) -> QuerySet[Message]:
     return messages if user.is_staff else messages.filter(publisher=user)
 
 
-def visible_inbound(user: AbstractBaseUser) -> QuerySet[InboundFrame]:
+def visible_inbound(user: User) -> QuerySet[InboundFrame]:
     """The sender and staff may read an inbound frame."""
     frames = InboundFrame.objects.select_related("user")
     return frames if user.is_staff else frames.filter(user=user)

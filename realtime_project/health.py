@@ -25,7 +25,7 @@ async def readyz(request: HttpRequest) -> JsonResponse:
 def not_ready(why: str, instance: str) -> JsonResponse:
     response = JsonResponse({"status": why, "instance": instance}, status=503)
     # An expected answer, polled every few seconds: not an error for django.request to log.
-    response._has_been_logged = True
+    response._has_been_logged = True  # type: ignore[attr-defined]  # Django's private flag, not in the stubs
     return response
 
 

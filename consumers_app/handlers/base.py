@@ -8,7 +8,7 @@ as messages and published only after that commit (and again after a crash, if ne
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 from notifications.models import InboundFrame, Message
 from notifications.services.messages import new_message
@@ -36,7 +36,7 @@ class InboundHandler:
     #: thread) before queueing; False spares every other frame that thread hop.
     authorizes: bool = False
 
-    def authorize(self, user: AbstractBaseUser, payload: Any) -> None:
+    def authorize(self, user: User, payload: Any) -> None:
         """Check at the socket that `user` may send this valid payload. Raise Forbidden."""
 
     def handle(self, frame: InboundFrame, context: "HandlerContext") -> None:

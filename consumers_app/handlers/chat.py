@@ -6,7 +6,7 @@ Payload: {"room": "lobby", "text": "hello"}. Subscribers of topic `chat.<room>` 
 
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 from consumers_app.handlers.base import Forbidden, HandlerContext, InboundHandler, InvalidPayload
 from consumers_app.models import ChatMessage
@@ -28,7 +28,7 @@ class ChatMessageHandler(InboundHandler):
 
     authorizes = True
 
-    def authorize(self, user: AbstractBaseUser, payload: Any) -> None:
+    def authorize(self, user: User, payload: Any) -> None:
         """A room's topic may be restricted to groups (an admin's Topic): its non-members may not post."""
         topic = f"chat.{payload['room']}"
         if not can_subscribe(user, topic):
@@ -36,12 +36,13 @@ class ChatMessageHandler(InboundHandler):
 
     def handle(self, frame: InboundFrame, context: HandlerContext) -> None:
         self.validate(frame.payload)
+        assert frame.payload is not None  # validate() accepted it: an object
         room, text = frame.payload["room"], frame.payload["text"]
         # One row per frame (unique on `inbound`): a retried frame cannot post twice.
         ChatMessage.objects.get_or_create(
             inbound=frame, defaults={"room": room, "author_id": frame.user_id, "text": text}
         )
-        author = frame.user.get_username() if frame.user_id else None
+        author = frame.user.get_username() if frame.user is not None else None
         context.send_to_topic(
             f"chat.{room}",
             "chat.message",

@@ -34,5 +34,6 @@ class SleepHandler(InboundHandler):
             raise InvalidPayload(f'payload must be {{"ms": N}} with 0 <= N <= {MAX_SLEEP_MS}')
 
     def handle(self, frame: InboundFrame, context: HandlerContext) -> None:
+        assert frame.payload is not None  # validate() accepted it at the socket: {"ms": N}
         time.sleep(frame.payload["ms"] / 1000)
         context.reply("echo", echo_payload(frame, frame.payload))

@@ -1,8 +1,9 @@
 """Who may subscribe to which topic."""
 
 import re
+from typing import TypeGuard
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser, User
 
 from notifications.models import Topic
 
@@ -11,11 +12,11 @@ TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9_.:/@-]{1,200}$")
 TOPIC_RULE = "1-200 characters of letters, digits and _ . : / @ -"
 
 
-def is_valid_topic_name(name: object) -> bool:
+def is_valid_topic_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and bool(TOPIC_PATTERN.match(name))
 
 
-def can_subscribe(user: AbstractBaseUser, topic: str) -> bool:
+def can_subscribe(user: User | AnonymousUser, topic: str) -> bool:
     """Open to every signed-in user, unless an admin gave the topic groups: then members and staff."""
     if not user.is_authenticated or not user.is_active:
         return False
