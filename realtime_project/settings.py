@@ -329,6 +329,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("RT_LOG_LEVEL", "INFO")},
     "loggers": {
         "aiormq": {"level": "WARNING"},
+        # Sign-in failures and lockouts are warnings; its start-up banner in every process is not.
+        "axes": {"level": "WARNING"},
         "aio_pika": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
