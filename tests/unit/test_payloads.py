@@ -108,6 +108,17 @@ def test_what_a_strict_encoder_refuses_is_invalid(payload):
 
 @pytest.mark.parametrize(
     "payload",
+    [float("inf"), float("-inf"), float("nan"), {"x": [1.0, float("inf")]}],
+    ids=["inf", "-inf", "nan", "nested-inf"],
+)
+def test_numbers_json_cannot_hold_are_invalid(payload):
+    """Python's parser reads 1e400 as infinity; orjson would write it as null (a silent change)
+    and PostgreSQL refuses it (a 500 at the API)."""
+    assert rejected(payload).code == "invalid"
+
+
+@pytest.mark.parametrize(
+    "payload",
     ["\x00", "a\x00b", {"k": "\x00"}, {"\x00": 1}, [["x", {"y": "\x00"}]]],
     ids=["nul", "inner-nul", "value", "key", "nested"],
 )
