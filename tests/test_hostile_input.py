@@ -525,6 +525,76 @@ async def test_one_bad_item_in_a_broker_message_fails_alone(cluster, users):
     await bob.close()
 
 
+async def test_forged_stream_positions_on_the_broadcast_exchange_stall_nobody(cluster, users):
+    """Messages on `<ns>.broadcast` that claim impossible places in a stream (a seq far ahead
+    in the stream's own epoch, seqs that are no numbers, no stream): every real message
+    published after them still reaches its socket, for longer than any gap wait."""
+    web = await start(cluster, workers=0)
+    ns = cluster.namespace
+    bob_id = await db(lambda: User.objects.get(username="bob").pk)()
+    user_stream = f"user:{bob_id}"  # the broker's name of bob's stream (a socket sees `user`)
+    async with httpx.AsyncClient(timeout=30) as http:
+        bob = await open_socket(http, web, users["bob"])
+        await pong(bob)  # not resuming: bob's own streams are live from here
+        alice = users["alice"]
+        first_user = await publish(http, web, alice, {"user": "bob", "event": "first"})
+        first_all = await publish(http, web, alice, {"broadcast": True, "event": "first"})
+        await bob.wait_for(lambda s: len(s.messages) == 2, SETTLE, what="the first two messages")
+        by_id = {m["id"]: m for m in bob.messages}
+        mine, everyone = by_id[first_user["id"]], by_id[first_all["id"]]
+
+        def forged(**fields: Any) -> bytes:
+            body = {"id": str(uuid.uuid4()), "event": "forged", "payload": 1} | fields
+            return json.dumps(body).encode()
+
+        far = 10**9
+        await publish_raw(
+            [
+                forged(
+                    stream=user_stream,
+                    seq=(mine.get("seq") or 0) + far,
+                    epoch=mine.get("epoch"),
+                    user_id=bob_id,
+                ),
+                forged(
+                    stream="broadcast",
+                    seq=(everyone.get("seq") or 0) + far,
+                    epoch=everyone.get("epoch"),
+                    broadcast=True,
+                ),
+                forged(stream=user_stream, seq="7", epoch=mine.get("epoch"), user_id=bob_id),
+                forged(stream=user_stream, seq=-1, epoch=mine.get("epoch"), user_id=bob_id),
+                forged(stream=user_stream, seq=True, epoch=mine.get("epoch"), user_id=bob_id),
+                b'{"id":"%s","stream":"broadcast","seq":1e300,"broadcast":true}' % str(uuid.uuid4()).encode(),
+                forged(stream=["x"], seq=1, user_id=bob_id),
+                forged(stream=None, seq=1, broadcast=True),
+            ],
+            exchange=f"{ns}.broadcast",
+        )
+
+        # Real messages keep arriving, each within the deadline, for several gap waits.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3.0
+        sent = []
+        while loop.time() < until or len(sent) < 4:
+            body = {"user": "bob"} if len(sent) % 2 == 0 else {"broadcast": True}
+            record = await publish(http, web, alice, body | {"event": "real", "payload": len(sent)})
+            sent.append(record["id"])
+            await bob.wait_for(
+                lambda s, i=record["id"]: any(m["id"] == i for m in s.messages),
+                10,
+                what=f"real message {len(sent)} after the forged ones",
+            )
+        real = [m for m in bob.messages if m.get("event") in ("first", "real")]
+        assert [m["id"] for m in real][2:] == sent
+        for stream in {m.get("stream") for m in real}:
+            seqs = [m.get("seq") for m in real if m.get("stream") == stream]
+            if None not in seqs:
+                assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (stream, seqs)
+        await pong(bob)
+        await bob.close()
+
+
 # --- 5. refused frames interleaved with good ones ---------------------------------------------
 
 
