@@ -10,22 +10,22 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
-from django.utils import timezone
 
 from consumers_app.account_watch import watch_accounts
 from consumers_app.inbound_submitter import InboundSubmitter
 from consumers_app.registry import Socket, SocketRegistry
-from consumers_app.transport import text_frame
+from consumers_app.streams import StreamTracker, message_id
 from notifications import broker, metrics
 from notifications.broker import BrokerUnavailable
 from notifications.delivery_log import DeliveryLogWriter
 from notifications.services.inbound import NewInbound
+from notifications.services.streams import BROADCAST, Recovery, legacy_stream, topic_stream, user_stream
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class InstanceBridge:
         self.topology = broker.current_topology()
         self.registry = SocketRegistry()
         self.log = DeliveryLogWriter(self.instance_id)
+        self.streams = StreamTracker(self.registry, self.log)
         self.inbound = InboundSubmitter(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connection: AbstractRobustConnection | None = None
@@ -132,20 +133,51 @@ class InstanceBridge:
 
     # --- sockets -------------------------------------------------------------------------
 
-    def register(self, socket: Socket) -> None:
+    async def register(self, socket: Socket) -> None:
+        """A new socket: its user's stream and the broadcasts are held for it until it resumes
+        them or `release_holds` (see StreamTracker).
+
+        Returns once both streams' positions are known here, so that every message accepted
+        after the socket's welcome is one it gets.
+        """
         self.registry.add(socket)
         metrics.connections.set(len(self.registry))
+        own = (BROADCAST, user_stream(socket.user_id))
+        for stream in own:
+            self.streams.hold(socket, stream)
+        await asyncio.gather(*(self.streams.loaded(stream, settings.RT_PUBLISH_TIMEOUT) for stream in own))
+
+    def release_holds(self, socket: Socket) -> None:
+        """The socket will not resume: its own streams go live."""
+        self.streams.release(socket, BROADCAST)
+        self.streams.release(socket, user_stream(socket.user_id))
 
     def unregister(self, socket: Socket) -> None:
         """Forget a socket (closed, or its consumer failed); harmless if it is already gone."""
+        self.streams.leave(socket, BROADCAST)
+        self.streams.leave(socket, user_stream(socket.user_id))
+        for topic in list(self.registry.topics_of.get(socket, ())):
+            self.streams.leave(socket, topic_stream(topic))
         self.registry.remove(socket)
         metrics.connections.set(len(self.registry))
 
-    def subscribe(self, socket: Socket, topic: str) -> None:
+    async def subscribe(
+        self, socket: Socket, topic: str, since: tuple[int, str] | None, answer: Callable[[Recovery], None]
+    ) -> Recovery | None:
+        """Subscribe the socket to `topic`: `answer`, then what it missed since `since`, then live."""
         self.registry.subscribe(socket, topic)
+        return await self.streams.join(socket, topic_stream(topic), since, answer)
 
     def unsubscribe(self, socket: Socket, topic: str) -> None:
+        self.streams.leave(socket, topic_stream(topic))
         self.registry.unsubscribe(socket, topic)
+
+    async def resume(
+        self, socket: Socket, stream: str, since: tuple[int, str], answer: Callable[[Recovery], None]
+    ) -> Recovery | None:
+        """Recover the socket's own `user` or `broadcast` stream after a reconnect."""
+        name = BROADCAST if stream == BROADCAST else user_stream(socket.user_id)
+        return await self.streams.join(socket, name, since, answer)
 
     def topics_of(self, socket: Socket) -> set[str]:
         return self.registry.topics_of.get(socket, set())
@@ -173,49 +205,19 @@ class InstanceBridge:
         metrics.messages_received.inc(len(bodies))
         for body in bodies:
             try:
-                message_id = str(body["id"])
-                parsed_id = uuid.UUID(message_id)
-                if self._seen(message_id):
-                    metrics.messages_duplicate.inc()
+                message_id(body)
+                if body.get("seq") is not None:
+                    self.streams.arrive(body)
+                elif not self._seen(body["id"]):  # unnumbered (from an older publisher)
+                    self.streams.emit_unnumbered(legacy_stream(body), body)
                 else:
-                    self.dispatch(body, parsed_id)
+                    metrics.messages_duplicate.inc()
             except Exception as exc:
                 metrics.messages_malformed.inc()
                 logger.error(
                     "dropping a malformed message in %s: %s: %s", message.message_id, type(exc).__name__, exc
                 )
         await broker.settle(message.ack(), "a broadcast message")
-
-    def dispatch(self, body: dict[str, Any], message_id: uuid.UUID) -> int:
-        targets = self.registry.targets(body)
-        if not targets:
-            return 0  # a message for sockets of other instances
-        frame = orjson.dumps(
-            {
-                "type": "message",
-                "id": body["id"],
-                "topic": body.get("topic"),
-                "event": body.get("event"),
-                "payload": body.get("payload"),
-                "published_at": body.get("published_at"),
-            }
-        )
-        wire = text_frame(frame)
-        now = timezone.now()
-        delivered: list[Socket] = []
-        for socket in targets:
-            try:
-                ok = socket.deliver(frame, wire)
-            except Exception:
-                logger.exception("delivery to %s failed", getattr(socket, "connection_id", "?"))
-                ok = False
-            if ok:
-                delivered.append(socket)
-            else:
-                metrics.delivery_failures.inc()
-        self.log.record_deliveries(message_id, now, delivered)
-        metrics.deliveries.inc(len(delivered))
-        return len(delivered)
 
     def _seen(self, message_id: str) -> bool:
         if message_id in self._recent:

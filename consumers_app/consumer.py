@@ -4,6 +4,8 @@ What leaves toward the client is `outbound.Outbound`'s; what the instance shares
 sockets (registry, delivery log, inbound queueing) is the bridge's, reached through its methods.
 """
 
+import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -14,7 +16,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError, DataError, InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
 from consumers_app import lifecycle
@@ -26,12 +28,18 @@ from consumers_app.ratelimit import TokenBucket
 from notifications import metrics
 from notifications.broker import BrokerUnavailable
 from notifications.services import inbound as inbound_service
-from notifications.services.payloads import PayloadRejected, check_payload
+from notifications.services.payloads import PayloadRejected, check_payload, may_hold_rounded_integers
+from notifications.services.streams import Recovery
 from notifications.services.topics import TOPIC_RULE, can_subscribe, is_valid_topic_name
 
 logger = logging.getLogger(__name__)
 
 MAX_REF_LENGTH = 100
+# Streams a socket may `resume` (its topics are recovered by `subscribe` with `since`).
+RESUMABLE = ("user", "broadcast")
+# Seconds a new socket's own streams (its user's, the broadcasts) are held for a `resume`; a
+# socket that sends anything else first, or nothing, gets them live then.
+RESUME_WINDOW_SECONDS = 2.0
 
 
 class FrameError(Exception):
@@ -96,6 +104,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.deliver = self.outbound.deliver
         self.close_with = self.outbound.close_with
         self.push = self.outbound.push
+        self.holding = True
+        self.release_timer = asyncio.get_running_loop().call_later(RESUME_WINDOW_SECONDS, self._release_holds)
+        await self.bridge.register(self)
         self.push(
             {
                 "type": "welcome",
@@ -104,7 +115,13 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 "user": self.username,
             }
         )
-        self.bridge.register(self)
+
+    def _release_holds(self) -> None:
+        """The socket will not resume (the window passed, or it sent something else first)."""
+        if self.holding:
+            self.holding = False
+            self.release_timer.cancel()
+            self.bridge.release_holds(self)
 
     async def disconnect(self, code: int) -> None:
         self._forget()
@@ -112,6 +129,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     def _forget(self) -> None:
         if self.outbound is None:
             return
+        self.release_timer.cancel()
         self.outbound.stop()
         self.bridge.unregister(self)
 
@@ -137,6 +155,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
                 self._rate_limited(None)
             return
         ref = _ref_of(frame)
+        self.frame_text = text_data
         try:
             if not self.rate.allow():
                 raise FrameError("rate_limited", f"more than {settings.RT_SOCKET_RATE:g} frames per second")
@@ -155,6 +174,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             handler = self.frame_handlers.get(kind)
             if handler is None:
                 raise FrameError("unknown_type", f"unknown frame type {kind[:50]!r}")
+            if self.holding and kind != "resume" and not (kind == "subscribe" and "since" in frame):
+                self._release_holds()
             await handler(self, frame, ref)
         except FrameError as exc:
             self.error(exc.code, exc.detail, ref)
@@ -174,13 +195,43 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def on_subscribe(self, frame: dict[str, Any], ref: Any) -> None:
         topic = self._topic(frame)
+        since = _since(frame) if "since" in frame else None
         topics = self.bridge.topics_of(self)
         if topic not in topics and len(topics) >= self.max_subscriptions:
             raise FrameError("too_many", f"a socket may subscribe to at most {self.max_subscriptions} topics")
         if not await database_sync_to_async(can_subscribe)(self.scope["user"], topic):
             raise FrameError("forbidden", f"you may not subscribe to {topic!r}")
-        self.bridge.subscribe(self, topic)
-        self.push({"type": "subscribed", "topic": topic})
+
+        def answer(position: Recovery) -> None:
+            subscribed = {"type": "subscribed", "topic": topic, "seq": position.seq, "epoch": position.epoch}
+            if since is not None:
+                subscribed["recovered"] = position.recovered
+            self.push(subscribed)
+
+        try:
+            await self.bridge.subscribe(self, topic, since, answer)
+        except BaseException:
+            self.bridge.unsubscribe(self, topic)
+            raise
+
+    async def on_resume(self, frame: dict[str, Any], ref: Any) -> None:
+        stream = frame.get("stream")
+        if stream not in RESUMABLE:
+            raise FrameError("invalid", "resume needs `stream`: `user` or `broadcast`")
+        since = _since(frame)
+
+        def answer(position: Recovery) -> None:
+            self.push(
+                {
+                    "type": "resumed",
+                    "stream": stream,
+                    "seq": position.seq,
+                    "epoch": position.epoch,
+                    "recovered": position.recovered,
+                }
+            )
+
+        await self.bridge.resume(self, stream, since, answer)
 
     async def on_unsubscribe(self, frame: dict[str, Any], ref: Any) -> None:
         topic = self._topic(frame)
@@ -203,7 +254,11 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             raise FrameError("unknown_type", f"no handler for event {event[:50]!r}")
         payload = frame.get("payload")
         try:
-            check_payload(payload)
+            encoded = check_payload(payload)
+            if may_hold_rounded_integers(encoded):
+                # orjson reads an integer past 64 bits as a float; the API (Python's parser)
+                # refuses it, and so must the socket rather than take a different number.
+                check_payload(_exact_payload(self.frame_text))
             handler.validate(payload)
             if handler.authorizes:
                 await database_sync_to_async(handler.authorize)(self.scope["user"], payload)
@@ -223,12 +278,12 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         )
         try:
             await self.bridge.submit_inbound(record)
-        except DataError:
-            raise FrameError("invalid", "the database cannot store this frame") from None
-        except DatabaseError:
+        except (OperationalError, InterfaceError):
             raise FrameError(
                 "unavailable", "the database is unavailable; nothing was queued, retry later"
             ) from None
+        except DatabaseError:  # it answered, and refused this one row
+            raise FrameError("invalid", "the database cannot store this frame") from None
         except BrokerUnavailable:
             raise FrameError(
                 "unavailable", "the message broker is unavailable; nothing was queued, retry later"
@@ -248,7 +303,28 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         "unsubscribe": on_unsubscribe,
         "ack": on_ack,
         "send": on_send,
+        "resume": on_resume,
     }
+
+
+def _exact_payload(text: str) -> Any:
+    """The `payload` of a frame's text, as Python's parser reads it (integers exactly)."""
+    try:
+        return json.loads(text).get("payload")
+    except (ValueError, RecursionError):
+        raise FrameError("invalid", "the payload cannot be read exactly") from None
+
+
+def _since(frame: dict[str, Any]) -> tuple[int, str]:
+    """A frame's `since`: `{"seq": N, "epoch": "E"}` with N >= 0."""
+    since = frame.get("since")
+    seq = since.get("seq") if isinstance(since, dict) else None
+    epoch = since.get("epoch") if isinstance(since, dict) else None
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not isinstance(epoch, str):
+        raise FrameError("invalid", '`since` must be {"seq": N, "epoch": "E"} with N >= 0')
+    if seq >= 2**63 or len(epoch) > 64:
+        raise FrameError("invalid", "`since` is out of range")
+    return seq, epoch
 
 
 def _ref_of(frame: Any) -> str | int | None:

@@ -87,7 +87,7 @@ class InboundSubmitter:
         for pending in chunk:
             try:
                 encoded.append((pending, broker.encode(queue_body(pending[0]))))
-            except TypeError as exc:  # the socket checks payloads, so a bug: it fails alone
+            except (TypeError, ValueError) as exc:  # the socket checks payloads, so a bug: it fails alone
                 logger.exception("inbound frame %s cannot be encoded", pending[0].id)
                 await self._not_queued([pending], BrokerUnavailable(f"cannot encode the frame: {exc}"))
         if not encoded:

@@ -21,11 +21,13 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from consumers_app.handlers.base import HandlerContext
+from consumers_app.handlers.base import HandlerContext, InboundHandler
 from consumers_app.handlers.registry import get_handler
 from consumers_app.outages import INFRASTRUCTURE_ERRORS
+from notifications import jsonutil
 from notifications.models import InboundFrame, Message
 from notifications.services import inbound as inbound_service
+from notifications.services import streams
 from notifications.services.messages import store_messages
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class Work:
 def work_from_body(body: dict[str, Any], redeliveries: int) -> Work:
     """A frame as the broker brought it; ValueError unless it has the shape a socket queues:
     a UUID `id`, a string `event`, an integer `user_id` or none."""
+    if not isinstance(body, dict):
+        raise ValueError(f"a frame is a JSON object, not {type(body).__name__}")
     try:
         frame_id = str(uuid.UUID(str(body["id"])))
     except (KeyError, ValueError) as exc:
@@ -116,7 +120,7 @@ def process_batch(batch: list[Work], worker_id: str) -> list[Outcome]:
 
 def _process_one(frame: InboundFrame, work: Work, worker_id: str, now: datetime) -> Outcome:
     if frame.status == InboundFrame.Status.PROCESSED:
-        pending = list(frame.replies.filter(status=Message.Status.ACCEPTED))
+        pending = streams.with_epochs(list(frame.replies.filter(status=Message.Status.ACCEPTED)))
         logger.info("inbound %s already processed by %s: skipped", frame.id, frame.processed_by)
         return Outcome(Verdict.PROCESSED, replies=pending, attempts=frame.attempts)
     if frame.status == InboundFrame.Status.DEAD:
@@ -131,15 +135,25 @@ def _process_one(frame: InboundFrame, work: Work, worker_id: str, now: datetime)
             raise LookupError(f"no handler for event {frame.event!r} in this worker")
         if handler.writes_to_database:
             with transaction.atomic():
-                handler.handle(frame, context)
+                _handle(handler, frame, context)
         else:
-            handler.handle(frame, context)
+            _handle(handler, frame, context)
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception as exc:
         return _failed(frame, exc, now)
     inbound_service.attempt_succeeded(frame, now)
     return Outcome(Verdict.PROCESSED, replies=context.messages, attempts=frame.attempts, changed=True)
+
+
+def _handle(handler: InboundHandler, frame: InboundFrame, context: HandlerContext) -> None:
+    """Run the handler; a reply it asks for that could not be sent fails it (and its writes)."""
+    handler.handle(frame, context)
+    for reply in context.messages:
+        try:
+            jsonutil.dumps(reply.payload)
+        except TypeError as exc:
+            raise ValueError(f"the handler's reply cannot be encoded as JSON: {exc}") from None
 
 
 def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:

@@ -1,7 +1,15 @@
-"""Which live sockets of this instance want which messages: by user, by topic, and all."""
+"""Which sockets this instance holds, and which of them each stream is delivered to now.
+
+A socket is in `sockets` (and `by_user`) from its welcome to its close; it is subscribed to its
+topics (`topics_of`); and it is `live` on a stream (`broadcast`, `user:ID`, `topic:T`) once it
+has caught up with it, so delivering a message is one set lookup. Plain dicts and sets: the
+event loop is the only thread that touches them.
+"""
 
 from collections import defaultdict
 from typing import Any, Protocol
+
+from notifications.services.streams import BROADCAST, topic_stream, user_stream
 
 
 class Socket(Protocol):
@@ -14,13 +22,11 @@ class Socket(Protocol):
 
 
 class SocketRegistry:
-    """Plain dicts and sets: the event loop is the only thread that touches them."""
-
     def __init__(self) -> None:
         self.sockets: set[Socket] = set()
         self.by_user: dict[int, set[Socket]] = defaultdict(set)
-        self.by_topic: dict[str, set[Socket]] = defaultdict(set)
         self.topics_of: dict[Socket, set[str]] = defaultdict(set)
+        self.live: dict[str, set[Socket]] = {}
 
     def __len__(self) -> int:
         return len(self.sockets)
@@ -30,36 +36,38 @@ class SocketRegistry:
         self.by_user[socket.user_id].add(socket)
 
     def remove(self, socket: Socket) -> None:
+        """Forget a socket everywhere (harmless if it is already gone)."""
         self.sockets.discard(socket)
         _discard(self.by_user, socket.user_id, socket)
+        _discard(self.live, BROADCAST, socket)
+        _discard(self.live, user_stream(socket.user_id), socket)
         for topic in self.topics_of.pop(socket, ()):
-            _discard(self.by_topic, topic, socket)
+            _discard(self.live, topic_stream(topic), socket)
 
     def subscribe(self, socket: Socket, topic: str) -> None:
         if socket in self.sockets:
-            self.by_topic[topic].add(socket)
             self.topics_of[socket].add(topic)
 
     def unsubscribe(self, socket: Socket, topic: str) -> None:
-        _discard(self.by_topic, topic, socket)
+        _discard(self.live, topic_stream(topic), socket)
         topics = self.topics_of.get(socket)
         if topics is not None:
             topics.discard(topic)
 
-    def targets(self, body: dict[str, Any]) -> list[Socket]:
-        """The sockets a broker message is for (a snapshot: delivery may change the sets)."""
-        if body.get("broadcast"):
-            return list(self.sockets)
-        topic = body.get("topic")
-        if topic:
-            return list(self.by_topic.get(topic, ()))
-        user_id = body.get("user_id")
-        if user_id is not None:
-            return list(self.by_user.get(user_id, ()))
-        return []
+    def go_live(self, socket: Socket, stream: str) -> None:
+        """Deliver `stream` to the socket from now on (it has caught up)."""
+        if socket in self.sockets:
+            self.live.setdefault(stream, set()).add(socket)
+
+    def stop_live(self, socket: Socket, stream: str) -> None:
+        _discard(self.live, stream, socket)
+
+    def targets(self, stream: str) -> list[Socket]:
+        """The sockets `stream` is delivered to now (a snapshot: delivery may change the sets)."""
+        return list(self.live.get(stream, ()))
 
 
-def _discard(index: dict, key: Any, socket: Socket) -> None:
+def _discard(index: dict[Any, set[Socket]], key: Any, socket: Socket) -> None:
     members = index.get(key)
     if members is not None:
         members.discard(socket)

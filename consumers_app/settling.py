@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from consumers_app.outages import OutageWaiter
 from consumers_app.processing import Outcome, Verdict, Work
-from notifications import broker, metrics
+from notifications import broker, jsonutil, metrics
 from notifications.broker import Topology
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,24 @@ class Settler:
             ),
         )
         await self.ack(message)
+
+    async def dead_letter_item(self, item: Any, error: str, message_id: str) -> None:
+        """Put one unreadable item of a message, alone, in `<ns>.inbound.dead` with the reason."""
+        logger.error(
+            "%s: an item of message %s dead-lettered: %s", self.topology.inbound_queue, message_id, error
+        )
+        metrics.inbound_dead.inc()
+        await self.outages.until_broker_recovers(
+            message_id,
+            lambda: broker.publish(
+                self.exchange,
+                jsonutil.dumps(item),
+                message_id=f"{message_id}-item",
+                routing_key=self.topology.dead_queue,
+                mandatory=True,
+                headers=_dead_headers(error, 0),
+            ),
+        )
 
     async def _follow_up(self, item: Work, outcome: Outcome) -> None:
         event = item.body.get("event")

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
@@ -229,12 +230,28 @@ class InboundWorker:
             return None
 
     async def _decode(self, message: AbstractIncomingMessage) -> list[Work] | None:
-        """The frames of a message; None if it was settled here (unreadable, split, poison)."""
+        """The frames of a message; None if it was settled here (unreadable, split, poison).
+
+        A frame of the message that is not one a socket queued is dead-lettered alone; the
+        others go on.
+        """
         try:
-            work = _read(message)
+            bodies = broker.unpack(broker.decode(message.body), broker.FRAMES)
         except (ValueError, TypeError) as exc:
             await self._settler.dead_letter_message(message, f"unreadable: {exc}")
             return None
+        work: list[Work] = []
+        unreadable: list[tuple[Any, str]] = []
+        for body in bodies:
+            try:
+                work.append(work_from_body(body, _redeliveries(message)))
+            except ValueError as exc:
+                unreadable.append((body, f"unreadable: {exc}"))
+        if not work:
+            await self._settler.dead_letter_message(message, unreadable[0][1])
+            return None
+        for body, error in unreadable:
+            await self._settler.dead_letter_item(body, error, str(message.message_id))
         redeliveries = work[0].redeliveries
         if len(work) > 1 and _header_int(message, "x-delivery-count"):
             # It came back (its worker died or stopped): its frames go on one by one, so a frame
@@ -266,7 +283,7 @@ class InboundWorker:
             reply.published_at = reply.published_at or published_at
             try:
                 sendable.append((reply, broker.encode(broker_body(reply))))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 logger.error("%s: reply %s cannot be encoded: %s", self.queue_name, reply.id, exc)
                 await self.outages.until_database_recovers(
                     "recording a failed reply",
@@ -298,7 +315,7 @@ class InboundWorker:
 
 
 def _read(message: AbstractIncomingMessage) -> list[Work]:
-    """The frames of a message; ValueError or TypeError if it is not one a socket queued."""
+    """The frames of a message; ValueError or TypeError if any is not one a socket queued."""
     bodies = broker.unpack(broker.decode(message.body), broker.FRAMES)
     return [work_from_body(body, _redeliveries(message)) for body in bodies]
 

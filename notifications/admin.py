@@ -35,6 +35,8 @@ class MessageAdmin(ReadOnlyAdmin):
     list_display = [
         "id",
         "target",
+        "stream",
+        "seq",
         "event",
         "status",
         "delivery_count",
@@ -45,7 +47,8 @@ class MessageAdmin(ReadOnlyAdmin):
         "published_at",
     ]
     list_filter = ["status", "broadcast", "created_at", "event"]
-    search_fields = ["=id", "topic", "user__username", "publisher__username", "event"]
+    # `=stream` finds a stream's messages by its exact name: topic:T, user:ID or broadcast.
+    search_fields = ["=id", "=stream", "topic", "user__username", "publisher__username", "event"]
     date_hierarchy = "created_at"
     inlines = [DeliveryInline]
     list_select_related = ["user", "publisher"]
@@ -60,6 +63,8 @@ class MessageAdmin(ReadOnlyAdmin):
         "publisher",
         "origin_instance",
         "source_inbound",
+        "stream",
+        "seq",
         "error",
         "created_at",
         "published_at",

@@ -22,6 +22,7 @@ from aio_pika.abc import (
 )
 from django.conf import settings
 
+from notifications import jsonutil
 from notifications.backoff import Backoff, Stopped
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,16 @@ MESSAGES = "messages"
 
 
 class BrokerUnavailable(Exception):
-    """The broker did not take a message: not connected, nacked, unroutable or timed out."""
+    """The broker did not confirm a message: not connected, nacked, unroutable or timed out.
+
+    `maybe_taken` tells the cases apart where the message went out and the broker may have it
+    all the same (a confirm that never came, a connection lost mid-publish) from those where
+    nothing was sent.
+    """
+
+    def __init__(self, reason: str, *, maybe_taken: bool = False) -> None:
+        super().__init__(reason)
+        self.maybe_taken = maybe_taken
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def current_topology() -> Topology:
 
 
 def encode(body: dict[str, Any]) -> bytes:
-    return orjson.dumps(body)
+    return jsonutil.dumps(body)
 
 
 def decode(body: bytes) -> dict[str, Any]:
@@ -102,14 +112,15 @@ def pack_encoded(key: str, items: list[bytes]) -> bytes:
     return items[0] if len(items) == 1 else b'{"%s":[%s]}' % (key.encode(), b",".join(items))
 
 
-def unpack(body: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    """The items of a message made by `pack`; raise ValueError unless they are JSON objects, at
-    least one (a message with none would be taken and never settled)."""
+def unpack(body: dict[str, Any], key: str) -> list[Any]:
+    """The items of a message made by `pack`; ValueError unless there is at least one (a message
+    with none would be taken and never settled). Each item is checked by its reader, so that one
+    that is not a JSON object of the right shape fails alone."""
     if key not in body:
         return [body]
     items = body[key]
-    if not isinstance(items, list) or not items or not all(isinstance(item, dict) for item in items):
-        raise ValueError(f"`{key}` is not a non-empty list of JSON objects")
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"`{key}` is not a non-empty list")
     return items
 
 
@@ -247,9 +258,11 @@ async def publish(
             exchange.publish(message, routing_key=routing_key, mandatory=mandatory), timeout
         )
     except TimeoutError as exc:
-        raise BrokerUnavailable(f"no confirm from the broker within {timeout:.1f}s") from exc
+        raise BrokerUnavailable(
+            f"no confirm from the broker within {timeout:.1f}s", maybe_taken=True
+        ) from exc
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}", maybe_taken=True) from exc
 
 
 async def settle(operation: Awaitable[Any], what: str) -> None:

@@ -26,6 +26,12 @@ messages_duplicate = _counter(
 messages_malformed = _counter(
     "rt_broker_messages_malformed", "Messages (or items of one) taken from the broker that could not be read"
 )
+stream_reads = _counter(
+    "rt_stream_reads", "Database reads of stream positions and history (shared by the sockets that asked)"
+)
+stream_gaps_filled = _counter(
+    "rt_stream_gaps_filled", "Messages a web instance read from the database to fill a gap"
+)
 deliveries = _counter("rt_deliveries", "Messages handed to a socket")
 delivery_failures = _counter("rt_delivery_failures", "Messages a socket could not take (closed or too slow)")
 slow_readers_closed = _counter(

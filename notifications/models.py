@@ -6,6 +6,14 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import models
 
+# Longest error text kept on a record: enough for an exception's message, bounded for the admin.
+ERROR_MAX_CHARS = 2000
+
+
+def clip_error(text: str) -> str:
+    """An error text as a record keeps it."""
+    return text[:ERROR_MAX_CHARS]
+
 
 class Message(models.Model):
     """A message published to sockets, whoever published it (API or worker)."""
@@ -48,10 +56,18 @@ class Message(models.Model):
     error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     published_at = models.DateTimeField(null=True, blank=True)
+    stream = models.CharField(
+        max_length=210, blank=True, default="", help_text="topic:T, user:ID or broadcast (CONTRACT §4)."
+    )
+    seq = models.BigIntegerField(null=True, blank=True, help_text="Its number in its stream: 1, 2, 3, ...")
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["status", "created_at"])]
+        constraints = [
+            # Serves recovery and the history (stream, seq > N) and keeps a number from being given twice.
+            models.UniqueConstraint(fields=["stream", "seq"], name="one_message_per_stream_seq")
+        ]
 
     def __str__(self) -> str:
         return f"{self.target_label} {self.event or '-'} ({self.id})"
@@ -63,6 +79,21 @@ class Message(models.Model):
         if self.topic:
             return f"topic:{self.topic}"
         return f"user:{self.user_id}"
+
+
+class Stream(models.Model):
+    """A stream's numbering: the last `seq` given and its `epoch` (CONTRACT §4 "Streams and recovery").
+
+    The row is locked by the transaction that numbers a message and held to its commit, so
+    commit order is seq order: a reader that sees seq N has seen every seq before it.
+    """
+
+    name = models.CharField(max_length=210, primary_key=True)
+    epoch = models.CharField(max_length=16)
+    last_seq = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.last_seq} ({self.epoch})"
 
 
 class Delivery(models.Model):

@@ -291,6 +291,8 @@ RT_SOCKET_MAX_BUFFER_BYTES = env_int("RT_SOCKET_MAX_BUFFER_BYTES", 1024 * 1024)
 RT_DELIVERY_LOG_INTERVAL = env_float("RT_DELIVERY_LOG_INTERVAL", 0.25)
 RT_DELIVERY_LOG_BATCH = env_int("RT_DELIVERY_LOG_BATCH", 5000)
 RT_DELIVERY_LOG_ENABLED = env_bool("RT_DELIVERY_LOG", True)
+# Delivery log rows a web instance keeps while its database is slow or down; then the oldest go.
+RT_DELIVERY_LOG_MAX_BUFFERED = env_int("RT_DELIVERY_LOG_MAX_BUFFERED", 500_000)
 # Seconds a web instance takes to close its sockets and flush its log on SIGTERM.
 RT_DRAIN_SECONDS = env_float("RT_DRAIN_SECONDS", 10.0)
 # Days of messages, deliveries and inbound frames `manage.py prune_realtime` keeps.
@@ -315,6 +317,11 @@ RT_MAX_SUBSCRIPTIONS = env_int("RT_MAX_SUBSCRIPTIONS", 100)
 # Seconds a message or inbound frame may stay committed but unconfirmed before the workers'
 # sweeper publishes it (a publish takes at most RT_PUBLISH_TIMEOUT).
 RT_SWEEP_GRACE_SECONDS = env_int("RT_SWEEP_GRACE_SECONDS", 30)
+# Seconds between checks for deactivated accounts whose sockets are still open (closed then).
+RT_ACCOUNT_CHECK_SECONDS = env_float("RT_ACCOUNT_CHECK_SECONDS", 30.0)
+# Streams and recovery (CONTRACT §4): messages kept per stream for recovery, and for how long.
+RT_HISTORY_SIZE = env_int("RT_HISTORY_SIZE", 1000)
+RT_HISTORY_TTL = env_float("RT_HISTORY_TTL", 600.0)
 RT_INBOUND_RETRY_DELAYS = [1, 2, 4, 8]
 
 LOGGING = {

@@ -48,8 +48,11 @@ async def test_publish_answers_202_with_the_published_record(users):
         "created_at",
         "published_at",
         "deliveries",
+        "stream",
+        "seq",
     }
     assert record["status"] == "published"
+    assert (record["stream"], record["seq"]) == ("topic:orders", 1)
     assert (record["topic"], record["user"], record["broadcast"]) == ("orders", None, False)
     assert record["payload"] == {"order": 42}
     assert record["published_at"] and record["deliveries"] == []

@@ -50,16 +50,17 @@ async def test_welcome_names_connection_instance_and_user(bridge, users):
 async def test_topic_user_and_broadcast_messages_reach_matching_sockets(bridge, users):
     bob, _ = await connect("bob")
     carol, _ = await connect("carol")
-    assert await request(bob, {"type": "subscribe", "topic": "orders"}) == {
-        "type": "subscribed",
-        "topic": "orders",
-    }
+    subscribed = await request(bob, {"type": "subscribe", "topic": "orders"})
+    assert subscribed == {"type": "subscribed", "topic": "orders", "seq": 0, "epoch": subscribed["epoch"]}
 
     sent = await publish(topic="orders", event="order.shipped", payload={"order": 42})
     frame = await bob.receive_json_from(timeout=5)
     assert frame == {
         "type": "message",
         "id": str(sent.id),
+        "stream": "topic:orders",
+        "seq": 1,
+        "epoch": subscribed["epoch"],
         "topic": "orders",
         "event": "order.shipped",
         "payload": {"order": 42},

@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from notifications.models import Delivery, InboundFrame, Message
 from notifications.services.payloads import PayloadRejected, check_payload
+from notifications.services.streams import wire_name
 from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
 
 EVENT_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,100}$")
@@ -89,9 +90,11 @@ class DeliverySerializer(serializers.ModelSerializer):
         return delivery.user.get_username() if delivery.user_id else None
 
 
-class MessageSerializer(serializers.ModelSerializer):
+class StreamMessageSerializer(serializers.ModelSerializer):
+    """A message record as a stream's history lists it: everything but its delivery log."""
+
     user = serializers.SerializerMethodField()
-    deliveries = DeliverySerializer(many=True, read_only=True)
+    stream = serializers.SerializerMethodField()
     payload = serializers.JSONField()
 
     class Meta:
@@ -106,11 +109,49 @@ class MessageSerializer(serializers.ModelSerializer):
             "status",
             "created_at",
             "published_at",
-            "deliveries",
+            "stream",
+            "seq",
         ]
 
     def get_user(self, message) -> str | None:
         return message.user.get_username() if message.user_id else None
+
+    def get_stream(self, message) -> str | None:
+        """As frames name it: `topic:T`, `user` (the recipient's own) or `broadcast`."""
+        return wire_name(message.stream) if message.stream else None
+
+
+class MessageSerializer(StreamMessageSerializer):
+    deliveries = DeliverySerializer(many=True, read_only=True)
+
+    class Meta(StreamMessageSerializer.Meta):
+        fields = [*StreamMessageSerializer.Meta.fields, "deliveries"]
+
+
+class HistoryQuerySerializer(serializers.Serializer):
+    topic = serializers.CharField(required=False, max_length=200)
+    user = serializers.ChoiceField(required=False, choices=["me"])
+    since = serializers.IntegerField(required=False, default=0, min_value=0, max_value=2**63 - 1)
+    limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)
+
+    def validate_topic(self, value):
+        if not is_valid_topic_name(value):
+            raise serializers.ValidationError(f"A topic is {TOPIC_RULE}.")
+        return value
+
+    def validate(self, attrs):
+        if ("topic" in attrs) == ("user" in attrs):
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Give exactly one of `topic` or `user=me`."]}
+            )
+        return attrs
+
+
+class HistorySerializer(serializers.Serializer):
+    stream = serializers.CharField()
+    epoch = serializers.CharField()
+    seq = serializers.IntegerField()
+    messages = StreamMessageSerializer(many=True)
 
 
 class InboundFrameSerializer(serializers.ModelSerializer):

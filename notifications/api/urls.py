@@ -6,5 +6,6 @@ urlpatterns = [
     path("messages/", views.MessageCreateView.as_view(), name="message-create"),
     path("messages/<uuid:pk>/", views.MessageDetailView.as_view(), name="message-detail"),
     path("inbound/<uuid:pk>/", views.InboundDetailView.as_view(), name="inbound-detail"),
+    path("history/", views.HistoryView.as_view(), name="history"),
     path("ws-tickets/", views.TicketView.as_view(), name="ws-ticket"),
 ]

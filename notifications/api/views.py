@@ -9,7 +9,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
 from rest_framework.response import Response
@@ -18,6 +18,8 @@ from rest_framework.views import APIView
 from notifications import selectors
 from notifications.api.errors import BrokerUnavailableError, Conflict, PayloadTooLarge, Unprocessable
 from notifications.api.serializers import (
+    HistoryQuerySerializer,
+    HistorySerializer,
     InboundFrameSerializer,
     MessageSerializer,
     PublishSerializer,
@@ -26,7 +28,7 @@ from notifications.api.serializers import (
 )
 from notifications.broker import BrokerUnavailable
 from notifications.models import Delivery, Message
-from notifications.services import idempotency
+from notifications.services import idempotency, streams
 from notifications.services.messages import create_message, publish_from_web
 from notifications.tickets import issue_ticket
 
@@ -174,6 +176,34 @@ class InboundDetailView(RetrieveAPIView):
 
     def get_queryset(self):
         return selectors.visible_inbound(cast(User, self.request.user))  # IsAuthenticated
+
+
+class HistoryView(APIView):
+    """A stream's kept messages (CONTRACT §3): a page loads its state here, then subscribes with `since`."""
+
+    @extend_schema(
+        parameters=[HistoryQuerySerializer],
+        responses={
+            200: HistorySerializer,
+            400: OpenApiResponse(description="Bad query"),
+            403: OpenApiResponse(),
+        },
+        summary="A topic's or your own stream's recent messages, oldest first",
+    )
+    def get(self, request):
+        query = HistoryQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        user = cast(User, request.user)  # IsAuthenticated
+        if "topic" in params:
+            if not selectors.may_read_topic(user, params["topic"]):
+                raise PermissionDenied("You may not read this topic.")
+            stream = streams.topic_stream(params["topic"])
+        else:
+            stream = streams.user_stream(user.pk)
+        seq, epoch, messages = streams.history(stream, params["since"], params["limit"])
+        data = {"stream": streams.wire_name(stream), "epoch": epoch, "seq": seq, "messages": messages}
+        return Response(HistorySerializer(data).data)
 
 
 class TicketView(APIView):

@@ -13,7 +13,7 @@ from django.utils import timezone
 from notifications import metrics, publishing
 from notifications.broker import BrokerUnavailable
 from notifications.models import InboundFrame, Message, clip_error
-from notifications.services import pg_copy
+from notifications.services import pg_copy, streams
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,10 @@ def new_message(
 
 
 def create_message(**fields: Any) -> Message:
-    """Store a message as `accepted`: the record exists before anything reaches the broker."""
+    """Store a message as `accepted`, numbered in its stream: the record exists before anything
+    reaches the broker. Call inside a transaction (the stream stays locked until it commits)."""
     message = new_message(**fields)
+    streams.number([message])
     message.save(force_insert=True)
     return message
 
@@ -77,11 +79,15 @@ MESSAGE_COLUMNS = (
     "source_inbound_id",
     "error",
     "created_at",
+    "stream",
+    "seq",
 )
 
 
 def store_messages(messages: list[Message]) -> None:
-    """Store many new messages at once (a worker's replies): one COPY on PostgreSQL."""
+    """Number and store many new messages at once (a worker's replies): one COPY on PostgreSQL.
+    Call inside a transaction."""
+    streams.number(messages)
     if connection.vendor != "postgresql":
         Message.objects.bulk_create(messages)
         return
@@ -98,7 +104,8 @@ def store_messages(messages: list[Message]) -> None:
             f"{message.id}\t{nullable(message.topic)}\t{nullable(message.user_id)}\t"
             f"{'t' if message.broadcast else 'f'}\t{text(message.event)}\t{json_text(message.payload)}\t"
             f"{message.status}\t{nullable(message.publisher_id)}\t{text(message.origin_instance)}\t"
-            f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{now.isoformat()}"
+            f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{now.isoformat()}\t"
+            f"{text(message.stream)}\t{message.seq}"
         )
     pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
 
@@ -107,6 +114,9 @@ def broker_body(message: Message) -> dict[str, Any]:
     """The message as it travels on `<ns>.broadcast` (JSON; every instance decodes it once)."""
     return {
         "id": str(message.id),
+        "stream": message.stream,
+        "seq": message.seq,
+        "epoch": getattr(message, "epoch", None),
         "topic": message.topic,
         "user_id": message.user_id,
         "broadcast": message.broadcast,
@@ -137,12 +147,18 @@ def mark_published(messages: list[Message]) -> None:
         message.status = Message.Status.PUBLISHED
 
 
-def mark_failed(message: Message, error: str) -> None:
-    """The broker did not take it. A message already confirmed stays `published`."""
-    message.error = clip_error(error)
-    Message.objects.filter(id=message.id).exclude(status=Message.Status.PUBLISHED).update(
-        status=Message.Status.FAILED, error=message.error
-    )
+def mark_failed(message: Message, error: str, *, sent: bool = True) -> None:
+    """The broker did not confirm it. A message already confirmed stays `published`; one that
+    was never sent gives its seq back to its stream (no hole in the numbering)."""
+    message.error = clip_error(error if sent else streams.GIVEN_UP + error)
+    with transaction.atomic():
+        updated = (
+            Message.objects.filter(id=message.id)
+            .exclude(status=Message.Status.PUBLISHED)
+            .update(status=Message.Status.FAILED, error=message.error)
+        )
+        if updated and not sent and message.seq is not None:
+            streams.give_back(message)
     message.status = Message.Status.FAILED
 
 
@@ -155,7 +171,7 @@ def publish_from_web(message: Message) -> Message:
     except BrokerUnavailable as exc:
         metrics.publish_failures.inc()
         logger.warning("message %s not published: %s", message.id, exc)
-        mark_failed(message, f"broker unavailable: {exc}")
+        mark_failed(message, f"broker unavailable: {exc}", sent=exc.maybe_taken)
         raise
     metrics.publish_latency.observe(time.perf_counter() - started)
     metrics.messages_published.inc()

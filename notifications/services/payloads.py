@@ -5,6 +5,8 @@ replies, COPY rows): whatever a strict encoder (orjson) or PostgreSQL would refu
 refused here, at the edge, with the reason.
 """
 
+import math
+import re
 from typing import Any
 
 import orjson
@@ -26,8 +28,11 @@ def check_payload(payload: Any, max_bytes: int | None = None, max_depth: int | N
     """The payload encoded, or PayloadRejected: too deep, not encodable, too large, or holding U+0000."""
     max_bytes = settings.RT_MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
     max_depth = settings.RT_MAX_JSON_DEPTH if max_depth is None else max_depth
-    if json_depth(payload, max_depth) > max_depth:
+    depth, finite = _scan(payload, max_depth)
+    if depth > max_depth:
         raise PayloadRejected("invalid", f"a payload may be nested at most {max_depth} levels deep")
+    if not finite:
+        raise PayloadRejected("invalid", "a payload's numbers must be finite (JSON has no Infinity or NaN)")
     try:
         encoded = orjson.dumps(payload)
     except TypeError as exc:  # orjson.JSONEncodeError: integers past 64 bits, lone surrogates
@@ -39,15 +44,32 @@ def check_payload(payload: Any, max_bytes: int | None = None, max_depth: int | N
     return encoded
 
 
-def json_depth(value: Any, limit: int) -> int:
-    """Nesting of arrays and objects (`1` is 0 deep, `[1]` 1), counted up to `limit` + 1 at most.
+# A float of 1e18 or more, as orjson writes it: the parser may have rounded an integer literal.
+_LARGE_FLOAT = re.compile(rb"\d[eE]\+?(1[89]|[2-9]\d|\d{3})")
 
-    Iterative, so a payload nested thousands deep costs no recursion and stops at the limit.
-    """
+
+def may_hold_rounded_integers(encoded: bytes) -> bool:
+    """Whether an orjson-parsed payload (encoded as `encoded`) may hold an integer past 64 bits
+    that orjson read as the nearest float; Python's json then tells exactly (rarely needed)."""
+    return _LARGE_FLOAT.search(encoded) is not None
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting of arrays and objects (`1` is 0 deep, `[1]` 1), counted up to `limit` + 1 at most."""
+    return _scan(value, limit)[0]
+
+
+def _scan(value: Any, limit: int) -> tuple[int, bool]:
+    """(depth, all numbers finite), walking iteratively: a payload nested thousands deep costs no
+    recursion, and the walk stops as soon as it is deeper than `limit`."""
     deepest = 0
+    finite = True
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, float):
+            finite = finite and math.isfinite(item)
+            continue
         if isinstance(item, dict):
             children: Any = item.values()
         elif isinstance(item, list):
@@ -58,9 +80,9 @@ def json_depth(value: Any, limit: int) -> int:
         if depth > deepest:
             deepest = depth
             if deepest > limit:
-                return deepest
-        stack.extend((child, depth) for child in children if isinstance(child, (dict, list)))
-    return deepest
+                return deepest, finite
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list, float)))
+    return deepest, finite
 
 
 def has_nul(payload: Any, encoded: bytes) -> bool:

@@ -7,9 +7,10 @@ work for the small rows of the delivery log and the inbound frames.
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 from django.db import connection
 from django.db.models import Model
+
+from notifications import jsonutil
 
 NULL = "\\N"
 
@@ -23,7 +24,7 @@ def text(value: str) -> str:
 
 def json_text(value: Any) -> str:
     """A JSON(B) column's value; None is SQL NULL, as the ORM stores it."""
-    return NULL if value is None else text(orjson.dumps(value).decode())
+    return NULL if value is None else text(jsonutil.dumps(value).decode())
 
 
 def copy_lines(model: type[Model], columns: Iterable[str], lines: list[str]) -> None:

@@ -13,6 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from notifications.models import InboundFrame, Message
+from notifications.services.streams import with_epochs
 
 # Records handled per sweep at most, so one sweep stays short.
 SWEEP_BATCH = 500
@@ -26,10 +27,12 @@ def _cutoff() -> datetime.datetime:
 
 def unconfirmed_messages() -> list[Message]:
     """Messages still `accepted` past the grace period (oldest first)."""
-    return list(
-        Message.objects.filter(status=Message.Status.ACCEPTED, created_at__lt=_cutoff()).order_by(
-            "created_at"
-        )[:SWEEP_BATCH]
+    return with_epochs(
+        list(
+            Message.objects.filter(status=Message.Status.ACCEPTED, created_at__lt=_cutoff()).order_by(
+                "created_at"
+            )[:SWEEP_BATCH]
+        )
     )
 
 

@@ -112,8 +112,10 @@ def test_finds_the_protocol_through_channels_own_session_wrapper():
     assert daphne_protocol(wrapper.send) is protocol
 
 
+@pytest.mark.django_db
 async def test_finds_the_protocol_through_the_projects_socket_middleware():
-    """The send the consumer gets under the real middleware stack (Origin check, session auth)."""
+    """The send the consumer gets under the real middleware stack (Origin check, session auth;
+    the session store may be asked, so the database is allowed)."""
     from consumers_app.auth import protected
 
     protocol = FakeProtocol()

@@ -50,6 +50,7 @@
     activity: $("activity"),
     messages: $("messages"),
     messagesEmpty: $("messages-empty"),
+    missed: $("messages-missed"),
     messageCount: $("message-count"),
     clear: $("clear-messages"),
     template: $("message-template"),
@@ -203,6 +204,16 @@
     el.messagesEmpty.hidden = true;
     // Shown, so acknowledged: the delivery log then records acked_at for this connection.
     if (client.ack(frame.id)) item.dataset.acked = "true";
+  });
+
+  // After a reconnect the client recovers what each stream missed; when it cannot (too many
+  // missed, too old), the page says so: messages of that stream are missing from the list.
+  client.on("recovered", (info) => activity("ok", "recovered what " + info.stream + " missed while disconnected"));
+  client.on("reset", (info) => {
+    activity("error", "missed messages of " + info.stream + " that could not be recovered");
+    el.missed.hidden = false;
+    el.missed.textContent =
+      "Some messages of " + info.stream + " were missed while disconnected and could not be recovered.";
   });
 
   el.clear.addEventListener("click", () => {

@@ -10,6 +10,10 @@
  *     library only lets an application send 1000 or 3000-4999), and any other close reconnects
  *     with the normal backoff;
  *   - remembers its topics and subscribes them again on every new connection;
+ *   - remembers the last `seq` and `epoch` of every stream it reads (its topics, its user's
+ *     stream, the broadcasts) and, after every reconnect, resumes them (`resume`, `subscribe`
+ *     with `since`), so what was published meanwhile arrives once and in order; a copy it has
+ *     already seen is dropped;
  *   - queues frames sent while disconnected and flushes them, paced under the server's rate
  *     limit, once connected again;
  *   - sends pings and treats a silent socket as dead (half-open TCP connections never close);
@@ -20,7 +24,11 @@
  *                "idle", "connecting" (an attempt in flight), "open", "reconnecting"
  *                (waiting `delay` ms before the next attempt), "closed" (by close())
  *   welcome      the welcome frame {connection, instance, user}
- *   message      a message frame {id, topic, event, payload, published_at}
+ *   message      a message frame {id, stream, seq, epoch, topic, event, payload, published_at}
+ *   recovered    {stream, seq}: after a reconnect, what the stream missed was recovered
+ *   reset        {stream, seq, epoch}: messages of the stream were missed and could not be
+ *                recovered (too many, too old, or its numbering restarted): reload its state,
+ *                e.g. from GET /api/v1/history/
  *   subscribed / unsubscribed / receipt / pong   the server's frame of that type
  *   servererror  an error frame {code, detail, ref} (the socket stays open)
  *   subscriptionerror  {topic, code, detail}: a subscribe was refused; the topic is forgotten
@@ -64,6 +72,7 @@
       this.attempt = 0; // failed attempts since the last welcome
       this.welcome = null;
       this.topics = new Set(this.options.topics);
+      this.positions = new Map(); // stream -> {seq, epoch}: the last message seen of each
       this.queue = [];
       this.ws = null;
       this._refCounter = 0;
@@ -124,6 +133,7 @@
 
     unsubscribe(topic) {
       this.topics.delete(topic);
+      this.positions.delete("topic:" + topic);
       if (this.connected) this._sendNow({ type: "unsubscribe", topic: topic });
     }
 
@@ -168,7 +178,39 @@
     _subscribeNow(topic) {
       const ref = this._newRef("s");
       this._pendingSubscribes.set(ref, topic);
-      this._sendNow({ type: "subscribe", topic: topic, ref: ref });
+      const frame = { type: "subscribe", topic: topic, ref: ref };
+      const since = this.positions.get("topic:" + topic);
+      if (since) frame.since = { seq: since.seq, epoch: since.epoch };
+      this._sendNow(frame);
+    }
+
+    _resumeNow() {
+      // First thing on a new connection: the server holds these streams until it is told.
+      for (const stream of ["user", "broadcast"]) {
+        const since = this.positions.get(stream);
+        if (since) this._sendNow({ type: "resume", stream: stream, since: { seq: since.seq, epoch: since.epoch } });
+      }
+    }
+
+    /** A stream's message: false if it is a copy of one already seen (then it is not emitted). */
+    _advance(frame) {
+      if (typeof frame.stream !== "string" || typeof frame.seq !== "number") return true;
+      const seen = this.positions.get(frame.stream);
+      if (seen && seen.epoch === frame.epoch && frame.seq <= seen.seq) return false;
+      if (seen && seen.epoch !== frame.epoch) this._emit("reset", { stream: frame.stream, seq: frame.seq, epoch: frame.epoch });
+      this.positions.set(frame.stream, { seq: frame.seq, epoch: frame.epoch });
+      return true;
+    }
+
+    /** The answer to a subscribe or resume: where the stream stands, and whether it recovered. */
+    _positioned(stream, frame) {
+      if (typeof frame.seq !== "number") return;
+      if (frame.recovered === true) {
+        this._emit("recovered", { stream: stream, seq: frame.seq });
+        return; // the missed messages follow, and move the position on
+      }
+      if (frame.recovered === false) this._emit("reset", { stream: stream, seq: frame.seq, epoch: frame.epoch });
+      this.positions.set(stream, { seq: frame.seq, epoch: frame.epoch });
     }
 
     _connectNow() {
@@ -199,6 +241,7 @@
       this._lastHeard = Date.now();
       this._setState("open", { attempt: this.attempt });
       this._pendingSubscribes.clear();
+      this._resumeNow();
       for (const topic of this.topics) this._subscribeNow(topic);
       this._flush();
       this._startPings();
@@ -222,13 +265,18 @@
           this._emit("welcome", frame);
           break;
         case "message":
-          this._emit("message", frame);
+          if (this._advance(frame)) this._emit("message", frame);
           break;
         case "subscribed":
           for (const [ref, topic] of this._pendingSubscribes) {
             if (topic === frame.topic) this._pendingSubscribes.delete(ref);
           }
+          this._positioned("topic:" + frame.topic, frame);
           this._emit("subscribed", frame);
+          break;
+        case "resumed":
+          this._positioned(frame.stream, frame);
+          this._emit("resumed", frame);
           break;
         case "error":
           this._emit("servererror", frame);

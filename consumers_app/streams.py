@@ -1,0 +1,376 @@
+"""Ordered delivery of each stream in a web instance, and sockets catching up with a stream.
+
+Messages can reach an instance out of seq order (several publishers, several connections, a
+sweeper) or not at all (a queue lost with its node). For each stream that has sockets here the
+instance keeps the next seq it expects: an earlier one is a copy and is dropped, a later one
+waits GAP_WAIT_SECONDS for the gap to close, then the gap is read from the database. So every
+socket gets each stream in order, once, without holes.
+
+A socket that joins a stream (subscribe, its user and the broadcast stream at connect) first
+catches up: live messages are held for it while the database says where the stream stands
+(and, with `since`, what it missed); then the answer, the missed messages and the held ones go
+out in that order, and the socket turns live. Nothing is lost or doubled at the seam: a held
+message the database read already covered is skipped by its seq.
+"""
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.utils import timezone
+
+from consumers_app.registry import Socket, SocketRegistry
+from consumers_app.stream_reader import StreamReader
+from consumers_app.transport import text_frame
+from notifications import jsonutil, metrics
+from notifications.backoff import Backoff
+from notifications.delivery_log import DeliveryLogWriter
+from notifications.services.streams import Recovery, between, wire_name
+
+logger = logging.getLogger(__name__)
+
+# How long a message waits for an earlier seq before the gap is read from the database. Two
+# publishers' messages cross within milliseconds; a lost one never comes.
+GAP_WAIT_SECONDS = 0.2
+# Early messages held per stream at most; past this the gap is given up (skipped) and logged.
+MAX_EARLY = 10_000
+# Longest wait between two reads of a stream's position while the database is down.
+LOAD_BACKOFF_MAX = 5.0
+
+# A message ready for sockets: (seq, message id, JSON frame, ready-made WebSocket frame).
+Frame = tuple[int | None, uuid.UUID, bytes, bytes]
+
+
+@dataclass(slots=True)
+class Catchup:
+    """A socket joining a stream: live frames held for it until it has what came before them."""
+
+    frames: list[Frame] = field(default_factory=list)
+    floor: int = -1  # seqs up to here the socket has already (from the database)
+    ready: bool = False  # the database answered: frames past `floor` may go out
+    held: bool = False  # a new socket's own stream, waiting to learn whether it will resume
+
+
+@dataclass(slots=True)
+class StreamState:
+    name: str
+    epoch: str | None = None
+    next_seq: int | None = None  # None until the stream's position is known
+    early: dict[int, dict[str, Any]] = field(default_factory=dict)
+    catchups: dict[Socket, Catchup] = field(default_factory=dict)
+    gap_timer: asyncio.TimerHandle | None = None
+    filling: bool = False
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StreamTracker:
+    def __init__(self, registry: SocketRegistry, log: DeliveryLogWriter) -> None:
+        self.registry = registry
+        self.log = log
+        self.reader = StreamReader()
+        self.states: dict[str, StreamState] = {}
+
+    # --- messages from the broker --------------------------------------------------------
+
+    def arrive(self, body: dict[str, Any]) -> None:
+        """A numbered message taken from the broker: deliver it in its stream's order."""
+        state = self.states.get(body["stream"])
+        if state is None:
+            return  # no socket of this instance is on that stream
+        seq = body["seq"]
+        if not isinstance(seq, int):
+            raise ValueError(f"`seq` is not an integer: {seq!r}")
+        if state.next_seq is None:
+            state.early[seq] = body  # the position is being read
+            return
+        if body.get("epoch") != state.epoch:
+            logger.warning(
+                "stream %s renumbered (epoch %s -> %s)", state.name, state.epoch, body.get("epoch")
+            )
+            state.epoch, state.next_seq = body.get("epoch"), seq
+            state.early.clear()
+        if seq < state.next_seq:
+            metrics.messages_duplicate.inc()
+            return
+        if seq > state.next_seq:
+            state.early[seq] = body
+            self._expect_gap(state)
+            return
+        self._emit(state, body)
+        self._drain(state)
+
+    def _drain(self, state: StreamState) -> None:
+        """Deliver the early messages that are next in order now."""
+        while state.next_seq in state.early:
+            self._emit(state, state.early.pop(state.next_seq))
+        if not state.early and state.gap_timer is not None:
+            state.gap_timer.cancel()
+            state.gap_timer = None
+
+    def _emit(self, state: StreamState, body: dict[str, Any]) -> None:
+        """Deliver one message to the stream's live sockets and hold it for those catching up."""
+        seq = body.get("seq")
+        if isinstance(seq, int) and state.next_seq is not None and seq >= state.next_seq:
+            state.next_seq = seq + 1
+        targets = self.registry.targets(state.name)
+        if not targets and not state.catchups:
+            return
+        frame = message_frame(body)
+        wire = text_frame(frame)
+        delivered = self._deliver(targets, frame, wire)
+        if state.catchups:
+            promoted: list[Socket] = []
+            for socket, catchup in state.catchups.items():
+                if not catchup.ready:
+                    catchup.frames.append((seq, message_id(body), frame, wire))
+                elif seq is None or seq > catchup.floor:
+                    delivered += self._deliver([socket], frame, wire)
+                    promoted.append(socket)
+            for socket in promoted:
+                del state.catchups[socket]
+                self.registry.go_live(socket, state.name)
+        self._record(body, delivered)
+
+    def emit_unnumbered(self, stream: str, body: dict[str, Any]) -> None:
+        """A message without a seq (published by something older): delivered as it comes."""
+        state = self.states.get(stream)
+        if state is not None:
+            self._emit(state, body)
+
+    def _deliver(self, sockets: list[Socket], frame: bytes, wire: bytes) -> list[Socket]:
+        delivered: list[Socket] = []
+        for socket in sockets:
+            try:
+                ok = socket.deliver(frame, wire)
+            except Exception:
+                logger.exception("delivery to %s failed", getattr(socket, "connection_id", "?"))
+                ok = False
+            if ok:
+                delivered.append(socket)
+            else:
+                metrics.delivery_failures.inc()
+        return delivered
+
+    def _record(self, body: dict[str, Any], delivered: list[Socket]) -> None:
+        if delivered:
+            self.log.record_deliveries(message_id(body), timezone.now(), delivered)
+            metrics.deliveries.inc(len(delivered))
+
+    # --- gaps ------------------------------------------------------------------------------
+
+    def _expect_gap(self, state: StreamState) -> None:
+        if len(state.early) > MAX_EARLY:
+            # Bounded memory: the furthest ones go (the gap fill reads them back if they are real).
+            for seq in sorted(state.early)[MAX_EARLY:]:
+                del state.early[seq]
+            logger.warning(
+                "stream %s: more than %d messages waiting for a gap; the latest dropped",
+                state.name,
+                MAX_EARLY,
+            )
+        if state.gap_timer is None and not state.filling:
+            loop = asyncio.get_running_loop()
+            state.gap_timer = loop.call_later(
+                GAP_WAIT_SECONDS, lambda: loop.create_task(self._fill_gap(state), name=f"gap-{state.name}")
+            )
+
+    async def _fill_gap(self, state: StreamState) -> None:
+        state.gap_timer = None
+        if self.states.get(state.name) is not state or not state.early or state.next_seq is None:
+            return
+        after, before = state.next_seq - 1, min(state.early)
+        state.filling = True
+        try:
+            epoch, last, bodies = await database_sync_to_async(between)(state.name, after, before)
+        except Exception as exc:
+            logger.warning("could not read the gap %d..%d of %s: %s", after + 1, before - 1, state.name, exc)
+            return
+        finally:
+            state.filling = False
+        if self.states.get(state.name) is not state or state.next_seq is None:
+            return
+        if epoch == state.epoch:
+            # A message past the stream's last seq was never numbered by this deployment (every
+            # message is published after its commit): a forgery, dropped rather than skipped to.
+            forged = [seq for seq in state.early if seq > last]
+            for seq in forged:
+                del state.early[seq]
+            if forged:
+                metrics.messages_malformed.inc(len(forged))
+                logger.error(
+                    "stream %s: dropped %d messages numbered past its last seq %d",
+                    state.name,
+                    len(forged),
+                    last,
+                )
+        metrics.stream_gaps_filled.inc(len(bodies))
+        logger.info("stream %s: %d messages read to fill the gap after %d", state.name, len(bodies), after)
+        for body in bodies:
+            if body["seq"] == state.next_seq and epoch == state.epoch:
+                self._emit(state, body)
+        if state.early and min(state.early) > state.next_seq:
+            self._skip_gap(state, "not kept in the database")
+        self._drain(state)
+        if state.early:
+            self._expect_gap(state)
+
+    def _skip_gap(self, state: StreamState, why: str) -> None:
+        first = min(state.early)
+        logger.warning("stream %s: seq %s..%d skipped (%s)", state.name, state.next_seq, first - 1, why)
+        state.next_seq = first
+        self._drain(state)
+
+    # --- sockets joining and leaving streams ----------------------------------------------
+
+    def _state(self, stream: str) -> StreamState:
+        state = self.states.get(stream)
+        if state is None:
+            state = self.states[stream] = StreamState(stream)
+            asyncio.get_running_loop().create_task(self._load(state), name=f"load-{stream}")
+        return state
+
+    async def _load(self, state: StreamState) -> None:
+        """Read where the stream stands, until it works or no socket here wants it any more."""
+        backoff = Backoff(LOAD_BACKOFF_MAX)
+        while self.states.get(state.name) is state and state.next_seq is None:
+            try:
+                self._position_known(state, await self.reader.recover(state.name))
+            except Exception as exc:
+                logger.warning("cannot read the position of stream %s (%s); retrying", state.name, exc)
+                await backoff.wait()
+
+    async def loaded(self, stream: str, timeout: float) -> bool:
+        """Wait until the stream's position is known here; False if it is not within `timeout`."""
+        state = self._state(stream)
+        try:
+            await asyncio.wait_for(state.loaded.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _position_known(self, state: StreamState, position: Recovery) -> None:
+        if state.next_seq is not None or self.states.get(state.name) is not state:
+            return
+        state.epoch, state.next_seq = position.epoch, position.seq + 1
+        state.loaded.set()
+        for seq in [seq for seq in state.early if seq < state.next_seq]:
+            del state.early[seq]
+        if state.early:
+            self._drain(state)
+            if state.early:
+                self._expect_gap(state)
+
+    def hold(self, socket: Socket, stream: str) -> None:
+        """Hold a new socket's live messages of `stream` until it resumes it or `release`."""
+        self._state(stream).catchups[socket] = Catchup(held=True)
+
+    def release(self, socket: Socket, stream: str) -> None:
+        """A held socket that did not resume: what was held goes out, and it turns live."""
+        state = self.states.get(stream)
+        catchup = state.catchups.get(socket) if state is not None else None
+        if state is None or catchup is None or not catchup.held:
+            return
+        del state.catchups[socket]
+        self._record_frames(socket, catchup.frames)
+        self.registry.go_live(socket, stream)
+
+    async def join(
+        self,
+        socket: Socket,
+        stream: str,
+        since: tuple[int, str] | None,
+        answer: Callable[[Recovery], None],
+    ) -> Recovery | None:
+        """Put the socket on `stream`: answer, then (with `since`) what it missed, then the live ones.
+
+        Without `since`, a stream already known here needs no database read. Returns the
+        answer given, or None if the socket closed meanwhile.
+        """
+        state = self._state(stream)
+        if since is None and state.next_seq is not None and socket not in state.catchups:
+            assert state.epoch is not None
+            position = Recovery(stream, state.next_seq - 1, state.epoch, recovered=False)
+            answer(position)
+            self.registry.go_live(socket, stream)
+            return position
+        self.registry.stop_live(socket, stream)
+        catchup = state.catchups.get(socket)
+        if catchup is None or not catchup.held:
+            catchup = state.catchups[socket] = Catchup()
+        catchup.held = False
+        try:
+            recovery = await self.reader.recover(stream, *(since or (None, None)))
+        except BaseException:
+            # Nothing stays held: the socket goes on live, without recovery (a topic's
+            # subscriber is then unsubscribed by its caller).
+            if state.catchups.get(socket) is catchup:
+                del state.catchups[socket]
+                self._record_frames(socket, catchup.frames)
+                self.registry.go_live(socket, stream)
+            raise
+        state = self.states.get(stream)  # (it may have been dropped and made again meanwhile)
+        if state is None or state.catchups.get(socket) is not catchup or socket not in self.registry.sockets:
+            return None
+        self._position_known(state, recovery)
+        answer(recovery)
+        delivered: list[Frame] = []
+        if recovery.recovered:
+            for body in recovery.messages:
+                frame = message_frame(body)
+                delivered.append((body["seq"], message_id(body), frame, text_frame(frame)))
+        catchup.floor, catchup.ready = recovery.seq, True
+        delivered += [held for held in catchup.frames if held[0] is None or held[0] > catchup.floor]
+        catchup.frames = []
+        self._record_frames(socket, delivered)
+        if state.next_seq is not None and state.next_seq - 1 >= catchup.floor:
+            del state.catchups[socket]
+            self.registry.go_live(socket, stream)
+        return recovery
+
+    def leave(self, socket: Socket, stream: str) -> None:
+        self.registry.stop_live(socket, stream)
+        state = self.states.get(stream)
+        if state is None:
+            return
+        state.catchups.pop(socket, None)
+        if not state.catchups and not self.registry.targets(stream):
+            if state.gap_timer is not None:
+                state.gap_timer.cancel()
+            del self.states[stream]
+
+    def _record_frames(self, socket: Socket, frames: list[Frame]) -> None:
+        """Deliver frames (recovered or held) to one socket, recording each delivery."""
+        now = timezone.now()
+        for _, id_, frame, wire in frames:
+            if socket.deliver(frame, wire):
+                self.log.record_deliveries(id_, now, [socket])
+                metrics.deliveries.inc()
+
+
+def message_frame(body: dict[str, Any]) -> bytes:
+    """The client's `message` frame (CONTRACT §4), encoded once for every socket it goes to."""
+    return jsonutil.dumps(
+        {
+            "type": "message",
+            "id": body["id"],
+            "stream": wire_name(body["stream"]) if body.get("stream") else None,
+            "seq": body.get("seq"),
+            "epoch": body.get("epoch"),
+            "topic": body.get("topic"),
+            "event": body.get("event"),
+            "payload": body.get("payload"),
+            "published_at": body.get("published_at"),
+        }
+    )
+
+
+def message_id(body: dict[str, Any]) -> uuid.UUID:
+    """The message's id as a UUID (parsed once, when the bridge first reads the body)."""
+    parsed = body.get("_uuid")
+    if parsed is None:
+        parsed = body["_uuid"] = uuid.UUID(str(body["id"]))
+    return parsed
