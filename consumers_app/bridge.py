@@ -15,15 +15,18 @@ from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from channels.db import database_sync_to_async
 from django.conf import settings
 
 from consumers_app.account_watch import watch_accounts
 from consumers_app.inbound_submitter import InboundSubmitter
+from consumers_app.presence import PresenceTracker
 from consumers_app.registry import Socket, SocketRegistry
 from consumers_app.streams import StreamTracker, message_id
 from notifications import broker, metrics
 from notifications.broker import BrokerUnavailable
 from notifications.delivery_log import DeliveryLogWriter
+from notifications.services import presence as presence_service
 from notifications.services.inbound import NewInbound
 from notifications.services.streams import BROADCAST, Recovery, legacy_stream, topic_stream, user_stream
 
@@ -44,6 +47,8 @@ class InstanceBridge:
         self.registry = SocketRegistry()
         self.log = DeliveryLogWriter(self.instance_id)
         self.streams = StreamTracker(self.registry, self.log)
+        self.presence = PresenceTracker(self.instance_id, self.publish_broadcast, self._lease_stats)
+        self.received = 0
         self.inbound = InboundSubmitter(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connection: AbstractRobustConnection | None = None
@@ -81,6 +86,7 @@ class InstanceBridge:
         return self.ready
 
     async def _start(self) -> None:
+        await self.presence.begin()
         self.connection = await broker.connect(self._stop)
         self.connection.close_callbacks.add(self._on_connection_lost)
         self.connection.reconnect_callbacks.add(self._on_reconnected)
@@ -103,6 +109,7 @@ class InstanceBridge:
             watch_accounts(self.registry, self._stop), name="account-watch"
         )
         self._started.set()
+        self.presence.start()
         metrics.broker_connected.set(1)
         logger.info("bridge ready: consuming %s", queue.name)
 
@@ -126,6 +133,9 @@ class InstanceBridge:
                 pass
         if self._account_watch is not None:
             self._account_watch.cancel()
+        if self._started.is_set():
+            # A stopping (drained) instance takes its sockets' presence away at once.
+            await self.presence.stop(drop=True)
         await self.log.stop()
         if self.connection is not None and not self.connection.is_closed:
             await self.connection.close()
@@ -157,20 +167,46 @@ class InstanceBridge:
         self.streams.leave(socket, BROADCAST)
         self.streams.leave(socket, user_stream(socket.user_id))
         for topic in list(self.registry.topics_of.get(socket, ())):
-            self.streams.leave(socket, topic_stream(topic))
+            self.unsubscribe(socket, topic)
         self.registry.remove(socket)
         metrics.connections.set(len(self.registry))
 
     async def subscribe(
-        self, socket: Socket, topic: str, since: tuple[int, str] | None, answer: Callable[[Recovery], None]
+        self,
+        socket: Socket,
+        topic: str,
+        since: tuple[int, str] | None,
+        answer: Callable[[Recovery], None],
+        *,
+        watch_presence: bool = False,
     ) -> Recovery | None:
-        """Subscribe the socket to `topic`: `answer`, then what it missed since `since`, then live."""
-        self.registry.subscribe(socket, topic)
+        """Subscribe the socket to `topic`: `answer`, then what it missed since `since`, then live.
+
+        It counts in the topic's presence; with `watch_presence` it gets the topic's joins and
+        leaves too.
+        """
+        if topic not in self.topics_of(socket):
+            self.registry.subscribe(socket, topic)
+            self.presence.add(topic, socket.user_id)
+            # Counted everywhere before `subscribed`: a `presence` asked after it lists the socket.
+            await self.presence.flush()
+        if watch_presence:
+            self.presence.watch(socket, topic)
+        else:
+            self.presence.unwatch(socket, topic)
         return await self.streams.join(socket, topic_stream(topic), since, answer)
 
     def unsubscribe(self, socket: Socket, topic: str) -> None:
         self.streams.leave(socket, topic_stream(topic))
+        self.presence.unwatch(socket, topic)
+        if topic in self.topics_of(socket):
+            self.presence.remove(topic, socket.user_id)
         self.registry.unsubscribe(socket, topic)
+
+    async def presence_of(self, topic: str) -> list[tuple[str, int]]:
+        """Who is on `topic` now, every instance counted (this one's latest changes included)."""
+        await self.presence.flush()
+        return await database_sync_to_async(presence_service.members)(topic)
 
     async def resume(
         self, socket: Socket, stream: str, since: tuple[int, str], answer: Callable[[Recovery], None]
@@ -189,6 +225,17 @@ class InstanceBridge:
         """Record and queue a socket's `send` frame with those of the other sockets (see InboundSubmitter)."""
         await self.inbound.submit(frame)
 
+    def _lease_stats(self) -> dict[str, Any]:
+        """What the admin's overview shows of this instance (written with each lease renewal)."""
+        return {
+            "sockets": len(self.registry),
+            "subscriptions": sum(len(topics) for topics in self.registry.topics_of.values()),
+            "streams": len(self.streams.states),
+            "messages_received": self.received,
+            "deliveries": self.streams.delivered,
+            "presence_members": len(self.presence.local),
+        }
+
     # --- broker -> sockets ---------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -203,8 +250,12 @@ class InstanceBridge:
             await broker.settle(message.ack(), "a broadcast message")
             return
         metrics.messages_received.inc(len(bodies))
+        self.received += len(bodies)
         for body in bodies:
             try:
+                if "presence" in body:
+                    self.presence.heard(body)
+                    continue
                 message_id(body)
                 if body.get("seq") is not None:
                     self.streams.arrive(body)

@@ -196,6 +196,9 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
     async def on_subscribe(self, frame: dict[str, Any], ref: Any) -> None:
         topic = self._topic(frame)
         since = _since(frame) if "since" in frame else None
+        watch_presence = frame.get("presence", False)
+        if not isinstance(watch_presence, bool):
+            raise FrameError("invalid", "`presence` must be true or false")
         topics = self.bridge.topics_of(self)
         if topic not in topics and len(topics) >= self.max_subscriptions:
             raise FrameError("too_many", f"a socket may subscribe to at most {self.max_subscriptions} topics")
@@ -209,10 +212,18 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             self.push(subscribed)
 
         try:
-            await self.bridge.subscribe(self, topic, since, answer)
+            await self.bridge.subscribe(self, topic, since, answer, watch_presence=watch_presence)
         except BaseException:
             self.bridge.unsubscribe(self, topic)
             raise
+
+    async def on_presence(self, frame: dict[str, Any], ref: Any) -> None:
+        topic = self._topic(frame)
+        if not await database_sync_to_async(can_subscribe)(self.scope["user"], topic):
+            raise FrameError("forbidden", f"you may not see who is on {topic!r}")
+        members = await self.bridge.presence_of(topic)
+        users = [{"user": user, "connections": connections} for user, connections in members]
+        self.push({"type": "presence", "ref": ref, "topic": topic, "users": users})
 
     async def on_resume(self, frame: dict[str, Any], ref: Any) -> None:
         stream = frame.get("stream")
@@ -304,6 +315,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         "ack": on_ack,
         "send": on_send,
         "resume": on_resume,
+        "presence": on_presence,
     }
 
 

@@ -73,6 +73,7 @@ class StreamTracker:
         self.log = log
         self.reader = StreamReader()
         self.states: dict[str, StreamState] = {}
+        self.delivered = 0  # message frames written to sockets, for the instance's lease
 
     # --- messages from the broker --------------------------------------------------------
 
@@ -159,6 +160,7 @@ class StreamTracker:
         if delivered:
             self.log.record_deliveries(message_id(body), timezone.now(), delivered)
             metrics.deliveries.inc(len(delivered))
+            self.delivered += len(delivered)
 
     # --- gaps ------------------------------------------------------------------------------
 
@@ -349,6 +351,7 @@ class StreamTracker:
             if socket.deliver(frame, wire):
                 self.log.record_deliveries(id_, now, [socket])
                 metrics.deliveries.inc()
+                self.delivered += 1
 
 
 def message_frame(body: dict[str, Any]) -> bytes:

@@ -32,6 +32,9 @@ stream_reads = _counter(
 stream_gaps_filled = _counter(
     "rt_stream_gaps_filled", "Messages a web instance read from the database to fill a gap"
 )
+presence_members = _gauge("rt_presence_members", "(topic, user) pairs with a socket on this instance")
+lease_renewals = _counter("rt_lease_renewals", "Renewals of this instance's lease")
+lease_expiries = _counter("rt_lease_expiries", "Lapsed leases of other instances this one removed")
 deliveries = _counter("rt_deliveries", "Messages handed to a socket")
 delivery_failures = _counter("rt_delivery_failures", "Messages a socket could not take (closed or too slow)")
 slow_readers_closed = _counter(

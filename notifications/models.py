@@ -189,3 +189,62 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id}:{self.key}"
+
+
+class InstanceLease(models.Model):
+    """A live process of the deployment (web instance or worker), renewed every few seconds.
+
+    A web instance whose lease lapses (killed, cut off) is dead to the others: they remove its
+    sockets' presence. Its last counters are what the admin's overview shows.
+    """
+
+    class Kind(models.TextChoices):
+        WEB = "web", "web instance"
+        WORKER = "worker", "worker"
+
+    instance = models.CharField(max_length=200, primary_key=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    started_at = models.DateTimeField()
+    renewed_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+    stats = models.JSONField(default=dict, blank=True, help_text="Counters at the last renewal.")
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.instance}"
+
+
+class PresenceMember(models.Model):
+    """How many sockets of `user` on `instance` are subscribed to `topic` (CONTRACT §4 "Presence")."""
+
+    topic = models.CharField(max_length=200)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    instance = models.CharField(max_length=200, db_index=True)
+    connections = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["topic", "user", "instance"], name="one_presence_row_per_instance"
+            )
+        ]
+
+
+class PresenceTotal(models.Model):
+    """A user's sockets on a topic across all instances: its row lock orders joins and leaves.
+
+    `version` grows with every change, so an instance that hears two changes out of order keeps
+    the later one.
+    """
+
+    topic = models.CharField(max_length=200)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    connections = models.PositiveIntegerField(default=0)
+    version = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["topic", "user"], name="one_presence_total")]
+        indexes = [
+            models.Index(
+                fields=["topic"], condition=models.Q(connections__gt=0), name="presence_present_by_topic"
+            )
+        ]

@@ -1,11 +1,12 @@
 from django.urls import path
 
-from notifications.api import views
+from notifications.api import presence, views
 
 urlpatterns = [
     path("messages/", views.MessageCreateView.as_view(), name="message-create"),
     path("messages/<uuid:pk>/", views.MessageDetailView.as_view(), name="message-detail"),
     path("inbound/<uuid:pk>/", views.InboundDetailView.as_view(), name="inbound-detail"),
+    path("presence/", presence.PresenceView.as_view(), name="presence"),
     path("history/", views.HistoryView.as_view(), name="history"),
     path("ws-tickets/", views.TicketView.as_view(), name="ws-ticket"),
 ]

@@ -51,6 +51,8 @@
     messages: $("messages"),
     messagesEmpty: $("messages-empty"),
     missed: $("messages-missed"),
+    presence: $("presence-list"),
+    presenceEmpty: $("presence-empty"),
     messageCount: $("message-count"),
     clear: $("clear-messages"),
     template: $("message-template"),
@@ -78,6 +80,8 @@
   }
 
   const client = new RealtimeClient({ path: config.path, topics: loadTopics(), autoConnect: false });
+  // The page shows who is on each of its topics: it follows every topic's presence.
+  for (const topic of client.topics) client.presenceTopics.add(topic);
   window.realtime = client; // handy from the browser console
   const confirmed = new Set(); // topics the current connection has confirmed
   let received = 0;
@@ -257,7 +261,7 @@
       return;
     }
     el.topicInput.setCustomValidity("");
-    client.subscribe(topic);
+    client.subscribe(topic, { presence: true });
     saveTopics();
     renderTopics();
     el.topicInput.value = "";
@@ -269,7 +273,31 @@
     renderTopics();
     activity("ok", "subscribed to " + frame.topic);
   });
-  client.on("unsubscribed", (frame) => activity("ok", "unsubscribed from " + frame.topic));
+  client.on("unsubscribed", (frame) => {
+    activity("ok", "unsubscribed from " + frame.topic);
+    renderPresence();
+  });
+
+  // --- who is on each topic (presence) ---------------------------------------------------
+
+  function renderPresence() {
+    const rows = Array.from(client.members.keys())
+      .filter((topic) => client.topics.has(topic))
+      .sort()
+      .map((topic) => {
+        const row = document.createElement("li");
+        row.dataset.topic = topic;
+        const users = Array.from(client.members.get(topic)).sort();
+        row.append(text("strong", topic), text("span", users.length ? users.join(", ") : "nobody", "muted"));
+        return row;
+      });
+    el.presence.replaceChildren(...rows);
+    el.presenceEmpty.hidden = rows.length > 0;
+  }
+
+  client.on("members", renderPresence);
+  client.on("join", (frame) => activity("ok", frame.user + " joined " + frame.topic));
+  client.on("leave", (frame) => activity("ok", frame.user + " left " + frame.topic));
   client.on("subscriptionerror", (info) => {
     saveTopics();
     renderTopics();
@@ -322,7 +350,7 @@
       const topic = "chat." + payload.room;
       if (!client.topics.has(topic)) {
         // You want to see your own room: subscribe to it along with the first line you send.
-        client.subscribe(topic);
+        client.subscribe(topic, { presence: true });
         saveTopics();
         renderTopics();
       }

@@ -30,6 +30,9 @@
  *                recovered (too many, too old, or its numbering restarted): reload its state,
  *                e.g. from GET /api/v1/history/
  *   subscribed / unsubscribed / receipt / pong   the server's frame of that type
+ *   join / leave {topic, user}: presence changes of a topic subscribed with {presence: true}
+ *   members      {topic, users: [user, ...]}: the member list of such a topic, kept up to date
+ *                from a snapshot after every (re)subscribe and the joins and leaves since
  *   servererror  an error frame {code, detail, ref} (the socket stays open)
  *   subscriptionerror  {topic, code, detail}: a subscribe was refused; the topic is forgotten
  *   frame        every frame the server sends, before the specific event
@@ -73,6 +76,9 @@
       this.welcome = null;
       this.topics = new Set(this.options.topics);
       this.positions = new Map(); // stream -> {seq, epoch}: the last message seen of each
+      this.presenceTopics = new Set(); // topics whose joins and leaves this client follows
+      this.members = new Map(); // topic -> Set of usernames on it now
+      this._presenceWaiters = new Map(); // ref -> resolve, for presence() answers
       this.queue = [];
       this.ws = null;
       this._refCounter = 0;
@@ -125,14 +131,31 @@
       this._setState("closed", { code: code || 1000, reason: reason || "client closed" });
     }
 
-    /** Remember the topic and subscribe now if connected (else on the next connection). */
-    subscribe(topic) {
+    /**
+     * Remember the topic and subscribe now if connected (else on the next connection). With
+     * {presence: true} the client also follows who is on it (`members`, `join`, `leave`).
+     */
+    subscribe(topic, options) {
       this.topics.add(topic);
+      if (options && options.presence) this.presenceTopics.add(topic);
       if (this.connected) this._subscribeNow(topic);
+    }
+
+    /** Who is on a topic now, on every instance: resolves to [{user, connections}, ...]. */
+    presence(topic) {
+      if (!this.connected) return Promise.reject(new Error("not connected"));
+      const ref = this._newRef("p");
+      const answer = new Promise((resolve, reject) => {
+        this._presenceWaiters.set(ref, { resolve: resolve, reject: reject });
+      });
+      this._sendNow({ type: "presence", ref: ref, topic: topic });
+      return answer;
     }
 
     unsubscribe(topic) {
       this.topics.delete(topic);
+      this.presenceTopics.delete(topic);
+      this.members.delete(topic);
       this.positions.delete("topic:" + topic);
       if (this.connected) this._sendNow({ type: "unsubscribe", topic: topic });
     }
@@ -179,9 +202,22 @@
       const ref = this._newRef("s");
       this._pendingSubscribes.set(ref, topic);
       const frame = { type: "subscribe", topic: topic, ref: ref };
+      if (this.presenceTopics.has(topic)) frame.presence = true;
       const since = this.positions.get("topic:" + topic);
       if (since) frame.since = { seq: since.seq, epoch: since.epoch };
       this._sendNow(frame);
+    }
+
+    _refreshMembers(topic) {
+      // The snapshot after a (re)subscribe; joins and leaves keep it current from there.
+      this.presence(topic).then(
+        (users) => {
+          if (!this.presenceTopics.has(topic)) return;
+          this.members.set(topic, new Set(users.map((member) => member.user)));
+          this._emit("members", { topic: topic, users: users.map((member) => member.user).sort() });
+        },
+        () => {}
+      );
     }
 
     _resumeNow() {
@@ -273,12 +309,35 @@
           }
           this._positioned("topic:" + frame.topic, frame);
           this._emit("subscribed", frame);
+          if (this.presenceTopics.has(frame.topic)) this._refreshMembers(frame.topic);
           break;
+        case "presence": {
+          const waiter = this._presenceWaiters.get(frame.ref);
+          this._presenceWaiters.delete(frame.ref);
+          if (waiter) waiter.resolve(frame.users);
+          this._emit("presence", frame);
+          break;
+        }
+        case "join":
+        case "leave": {
+          const members = this.members.get(frame.topic);
+          if (members) {
+            if (frame.type === "join") members.add(frame.user);
+            else members.delete(frame.user);
+            this._emit("members", { topic: frame.topic, users: Array.from(members).sort() });
+          }
+          this._emit(frame.type, frame);
+          break;
+        }
         case "resumed":
           this._positioned(frame.stream, frame);
           this._emit("resumed", frame);
           break;
         case "error":
+          if (this._presenceWaiters.has(frame.ref)) {
+            this._presenceWaiters.get(frame.ref).reject(Object.assign(new Error(frame.detail), frame));
+            this._presenceWaiters.delete(frame.ref);
+          }
           this._emit("servererror", frame);
           this._subscribeRefused(frame);
           break;
@@ -306,6 +365,8 @@
     _closed(ws, event) {
       if (ws !== this.ws) return;
       this._detach(ws);
+      for (const waiter of this._presenceWaiters.values()) waiter.reject(new Error("disconnected"));
+      this._presenceWaiters.clear();
       this.ws = null;
       this._stopPings();
       this._stopFlush();

@@ -1,0 +1,49 @@
+"""`GET /api/v1/presence/?topic=T` (CONTRACT §3): who is subscribed to a topic, on every instance."""
+
+from typing import cast
+
+from django.contrib.auth.models import User
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from notifications import selectors
+from notifications.services import presence
+from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
+
+
+class PresenceQuerySerializer(serializers.Serializer):
+    topic = serializers.CharField(max_length=200)
+
+    def validate_topic(self, value: str) -> str:
+        if not is_valid_topic_name(value):
+            raise serializers.ValidationError(f"A topic is {TOPIC_RULE}.")
+        return value
+
+
+class MemberSerializer(serializers.Serializer):
+    user = serializers.CharField()
+    connections = serializers.IntegerField()
+
+
+class PresenceSerializer(serializers.Serializer):
+    topic = serializers.CharField()
+    users = MemberSerializer(many=True)
+
+
+class PresenceView(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("topic", str, required=True)],
+        responses={200: PresenceSerializer, 400: OpenApiResponse(), 403: OpenApiResponse()},
+        summary="Who is subscribed to a topic now, on every instance",
+    )
+    def get(self, request):
+        query = PresenceQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        topic = query.validated_data["topic"]
+        if not selectors.may_read_topic(cast(User, request.user), topic):  # IsAuthenticated
+            raise PermissionDenied("You may not see who is on this topic.")
+        users = [{"user": user, "connections": count} for user, count in presence.members(topic)]
+        return Response(PresenceSerializer({"topic": topic, "users": users}).data)
