@@ -14,11 +14,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from consumers_app.account_watch import watch_accounts
+from consumers_app.bindings import Bindings
 from consumers_app.inbound_submitter import InboundSubmitter
 from consumers_app.presence import PresenceTracker
 from consumers_app.registry import Socket, SocketRegistry
@@ -47,12 +48,15 @@ class InstanceBridge:
         self.registry = SocketRegistry()
         self.log = DeliveryLogWriter(self.instance_id)
         self.streams = StreamTracker(self.registry, self.log)
-        self.presence = PresenceTracker(self.instance_id, self.publish_broadcast, self._lease_stats)
+        self.presence = PresenceTracker(self.instance_id, self.publish_message, self._lease_stats)
         self.received = 0
         self.inbound = InboundSubmitter(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.connection: AbstractRobustConnection | None = None
-        self._broadcast: AbstractExchange | None = None
+        self._outlets: broker.Outlets | None = None
+        self._route: AbstractExchange | None = None
+        self._queue: AbstractQueue | None = None
+        self.bindings = Bindings()
         self._default: AbstractExchange | None = None
         self._start_task: asyncio.Task | None = None
         self._account_watch: asyncio.Task | None = None
@@ -98,10 +102,13 @@ class InstanceBridge:
         consume = await self.connection.channel()
         await consume.set_qos(prefetch_count=INSTANCE_PREFETCH)
         queue = await broker.declare_instance_queue(consume, self.topology, self.instance_id)
+        self._route = await broker.declare_route(consume, self.topology)
+        self._queue = queue
+        self.bindings.attach(queue, self._route)
         await queue.consume(self._on_message, exclusive=True)
 
         publish = await self.connection.channel(publisher_confirms=True)
-        self._broadcast = await broker.declare_broadcast(publish, self.topology)
+        self._outlets = await broker.declare_outlets(publish, self.topology)
         self._default = publish.default_exchange
 
         self.log.start()
@@ -122,6 +129,8 @@ class InstanceBridge:
     def _on_reconnected(self, *args: Any) -> None:
         metrics.broker_connected.set(1)
         logger.info("reconnected to RabbitMQ; queue and bindings restored")
+        if self._queue is not None and self._route is not None:
+            self.bindings.attach(self._queue, self._route)  # what was asked while it was away
 
     async def stop(self) -> None:
         self._stop.set()
@@ -134,8 +143,13 @@ class InstanceBridge:
         if self._account_watch is not None:
             self._account_watch.cancel()
         if self._started.is_set():
-            # A stopping (drained) instance takes its sockets' presence away at once.
+            # A stopping (drained) instance takes its sockets' presence away at once, and its
+            # bindings before its queue expires.
             await self.presence.stop(drop=True)
+            try:
+                await asyncio.wait_for(self.bindings.unbind_all(), 5.0)
+            except Exception as exc:
+                logger.warning("could not unbind before stopping: %s", exc)
         await self.log.stop()
         if self.connection is not None and not self.connection.is_closed:
             await self.connection.close()
@@ -152,6 +166,7 @@ class InstanceBridge:
         """
         self.registry.add(socket)
         metrics.connections.set(len(self.registry))
+        await self.bindings.acquire(broker.user_key(socket.user_id), confirmed=False)
         own = (BROADCAST, user_stream(socket.user_id))
         for stream in own:
             self.streams.hold(socket, stream)
@@ -168,6 +183,8 @@ class InstanceBridge:
         self.streams.leave(socket, user_stream(socket.user_id))
         for topic in list(self.registry.topics_of.get(socket, ())):
             self.unsubscribe(socket, topic)
+        if socket in self.registry.sockets:
+            self.bindings.release(broker.user_key(socket.user_id))
         self.registry.remove(socket)
         metrics.connections.set(len(self.registry))
 
@@ -186,6 +203,8 @@ class InstanceBridge:
         leaves too.
         """
         if topic not in self.topics_of(socket):
+            # Bound before anything else: no message published from here on can miss the socket.
+            await self.bindings.acquire(broker.topic_key(topic))
             self.registry.subscribe(socket, topic)
             self.presence.add(topic, socket.user_id)
             # Counted everywhere before `subscribed`: a `presence` asked after it lists the socket.
@@ -201,6 +220,7 @@ class InstanceBridge:
         self.presence.unwatch(socket, topic)
         if topic in self.topics_of(socket):
             self.presence.remove(topic, socket.user_id)
+            self.bindings.release(broker.topic_key(topic))
         self.registry.unsubscribe(socket, topic)
 
     async def presence_of(self, topic: str) -> list[tuple[str, int]]:
@@ -285,8 +305,10 @@ class InstanceBridge:
             raise BrokerUnavailable("not connected to RabbitMQ")
         return exchange
 
-    async def publish_broadcast(self, body: dict[str, Any] | bytes, message_id: str) -> None:
-        await broker.publish(self._exchange(self._broadcast), body, message_id=message_id)
+    async def publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+        if self._outlets is None or not self.ready:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        await self._outlets.publish(body, message_id, key)
 
     async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
         await broker.publish(

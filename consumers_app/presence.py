@@ -19,6 +19,7 @@ from channels.db import database_sync_to_async
 from consumers_app.registry import Socket
 from notifications import jsonutil, metrics
 from notifications.backoff import Backoff
+from notifications.broker import topic_key
 from notifications.services import presence as service
 from notifications.services.presence import Change, Key
 
@@ -32,7 +33,7 @@ LEASE_TTL_SECONDS = 10.0
 LEASE_RENEW_SECONDS = 3.0
 EXPIRY_CHECK_SECONDS = 2.0
 
-Publish = Callable[[bytes, str], Awaitable[None]]
+Publish = Callable[[bytes, str, str], Awaitable[None]]  # (body, message id, routing key)
 
 
 class PresenceTracker:
@@ -119,7 +120,9 @@ class PresenceTracker:
         for change in changes:
             try:
                 await self._publish(
-                    jsonutil.dumps(change.body()), f"presence-{change.topic}-{change.version}"
+                    jsonutil.dumps(change.body()),
+                    f"presence-{change.topic}-{change.version}",
+                    topic_key(change.topic),  # to the instances with sockets on the topic
                 )
             except Exception as exc:
                 # The snapshot (`presence` frame, API) stays right; only this event is missed.

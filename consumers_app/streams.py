@@ -314,8 +314,9 @@ class StreamTracker:
                 self._record_frames(socket, catchup.frames)
                 self.registry.go_live(socket, stream)
             raise
-        state = self.states.get(stream)  # (it may have been dropped and made again meanwhile)
-        if state is None or state.catchups.get(socket) is not catchup or socket not in self.registry.sockets:
+        if self.states.get(stream) is not state or state.catchups.get(socket) is not catchup:
+            return None  # the socket left the stream (or closed) meanwhile
+        if socket not in self.registry.sockets:
             return None
         self._position_known(state, recovery)
         answer(recovery)

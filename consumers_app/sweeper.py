@@ -15,7 +15,8 @@ from django.utils import timezone
 from consumers_app.outages import OutageWaiter
 from notifications import broker, metrics
 from notifications.backoff import Stopped
-from notifications.broker import Topology
+from notifications.broker import Outlets, Topology
+from notifications.models import Message
 from notifications.services import unconfirmed
 from notifications.services.inbound import queue_body
 from notifications.services.messages import broker_body, mark_published
@@ -30,12 +31,12 @@ class Sweeper:
     def __init__(
         self,
         topology: Topology,
-        broadcast: AbstractExchange,
+        outlets: Outlets,
         default_exchange: AbstractExchange,
         outages: OutageWaiter,
     ) -> None:
         self.topology = topology
-        self.broadcast = broadcast
+        self.outlets = outlets
         self.default_exchange = default_exchange
         self.outages = outages
 
@@ -55,6 +56,10 @@ class Sweeper:
             except Exception:
                 logger.exception("sweep failed; trying again at the next one")
 
+    async def _publish_message(self, message: Message) -> None:
+        body = broker_body(message)
+        await self.outlets.publish(body, str(message.id), broker.routing_key(body))
+
     async def sweep_once(self) -> tuple[int, int]:
         """Publish the unconfirmed messages and queue the unqueued frames; return how many of each."""
         messages = await self.outages.until_database_recovers(
@@ -65,7 +70,7 @@ class Sweeper:
             message.published_at = message.published_at or now
             await self.outages.until_broker_recovers(
                 str(message.id),
-                lambda m=message: broker.publish(self.broadcast, broker_body(m), message_id=str(m.id)),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
+                lambda m=message: self._publish_message(m),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
             )
         if messages:
             await self.outages.until_database_recovers(

@@ -15,7 +15,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
 from django.utils import timezone
 
@@ -55,7 +55,7 @@ class InboundWorker:
         self.waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.connection: AbstractRobustConnection | None = None
         self.settler: Settler | None = None
-        self._broadcast: AbstractExchange | None = None
+        self._outlets: broker.Outlets | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -72,7 +72,7 @@ class InboundWorker:
             await setup.close()
 
             publish = await self.connection.channel(publisher_confirms=True)
-            self._broadcast = await broker.declare_broadcast(publish, self.topology)
+            self._outlets = await broker.declare_outlets(publish, self.topology)
             self.settler = Settler(self.topology, publish.default_exchange, self.outages)
 
             consume = await self.connection.channel()
@@ -81,7 +81,7 @@ class InboundWorker:
             await consume.set_qos(prefetch_count=self.concurrency * BATCH_MESSAGES)
             queue = await broker.declare_inbound(consume, self.topology)
             lanes = [asyncio.create_task(self._lane(), name=f"lane-{n}") for n in range(self.concurrency)]
-            sweeper = Sweeper(self.topology, self._broadcast, publish.default_exchange, self.outages)
+            sweeper = Sweeper(self.topology, self._outlets, publish.default_exchange, self.outages)
             lanes.append(asyncio.create_task(sweeper.run(), name="sweeper"))
             tag = await queue.consume(self._on_message)
             metrics.broker_connected.set(1)
@@ -278,11 +278,15 @@ class InboundWorker:
         A reply that cannot be encoded (a handler's bug) is recorded failed, alone.
         """
         published_at = timezone.now()
+        # Grouped by routing key: a broker message goes only to the instances that hold its
+        # recipients (CONTRACT §2), several replies to one recipient travel together.
+        by_key: dict[str, list[tuple[Message, bytes]]] = {}
         sendable: list[tuple[Message, bytes]] = []
         for reply in replies:
             reply.published_at = reply.published_at or published_at
+            body = broker_body(reply)
             try:
-                sendable.append((reply, broker.encode(broker_body(reply))))
+                encoded = (reply, broker.encode(body))
             except (TypeError, ValueError) as exc:
                 logger.error("%s: reply %s cannot be encoded: %s", self.queue_name, reply.id, exc)
                 await self.outages.until_database_recovers(
@@ -290,20 +294,22 @@ class InboundWorker:
                     ids,
                     lambda r=reply, e=exc: mark_failed(r, f"unencodable: {e}"),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
                 )
+                continue
+            sendable.append(encoded)
+            by_key.setdefault(broker.routing_key(body), []).append(encoded)
 
-        async def publish_chunk(chunk: list[tuple[Message, bytes]]) -> None:
-            broadcast = self._broadcast
-            assert broadcast is not None, "the worker is not connected"
+        async def publish_chunk(key: str, chunk: list[tuple[Message, bytes]]) -> None:
+            outlets = self._outlets
+            assert outlets is not None, "the worker is not connected"
             body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded in chunk])
             message_id = broker.message_id_for([str(reply.id) for reply, _ in chunk])
-            await self.outages.until_broker_recovers(
-                ids, lambda: broker.publish(broadcast, body, message_id=message_id)
-            )
+            await self.outages.until_broker_recovers(ids, lambda: outlets.publish(body, message_id, key))
 
         await asyncio.gather(
             *(
-                publish_chunk(sendable[start : start + REPLIES_PER_MESSAGE])
-                for start in range(0, len(sendable), REPLIES_PER_MESSAGE)
+                publish_chunk(key, group[start : start + REPLIES_PER_MESSAGE])
+                for key, group in by_key.items()
+                for start in range(0, len(group), REPLIES_PER_MESSAGE)
             )
         )
         published = [reply for reply, _ in sendable]

@@ -62,6 +62,11 @@ class Topology:
     def broadcast_exchange(self) -> str:
         return f"{self.namespace}.broadcast"
 
+    @property
+    def route_exchange(self) -> str:
+        """Direct exchange of topic and user messages: an instance binds the keys it holds."""
+        return f"{self.namespace}.route"
+
     def instance_queue(self, instance_id: str) -> str:
         return f"{self.namespace}.instance.{instance_id}"
 
@@ -188,6 +193,46 @@ async def declare_broadcast(channel: AbstractChannel, topology: Topology) -> Abs
     )
 
 
+async def declare_route(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    return await channel.declare_exchange(topology.route_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+
+
+def topic_key(topic: str) -> str:
+    return f"topic.{topic}"
+
+
+def user_key(user_id: int) -> str:
+    return f"user.{user_id}"
+
+
+def routing_key(body: dict[str, Any]) -> str:
+    """Where a message (or a topic's presence change) goes (CONTRACT §2 "Targeted routing"):
+    `topic.<name>` or `user.<id>` on the route exchange, to the instances that bound it; ""
+    for a broadcast, on the fanout exchange, to every instance."""
+    if body.get("broadcast"):
+        return ""
+    if body.get("topic"):
+        return topic_key(body["topic"])
+    return user_key(body["user_id"])
+
+
+@dataclass
+class Outlets:
+    """The exchanges messages leave a process by: the fanout for broadcasts, the direct route
+    exchange for topics and users."""
+
+    broadcast: AbstractExchange
+    route: AbstractExchange
+
+    async def publish(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+        """Publish (confirmed) with routing key `key`; "" means every instance."""
+        await publish(self.route if key else self.broadcast, body, message_id=message_id, routing_key=key)
+
+
+async def declare_outlets(channel: AbstractChannel, topology: Topology) -> Outlets:
+    return Outlets(await declare_broadcast(channel, topology), await declare_route(channel, topology))
+
+
 async def declare_instance_queue(
     channel: AbstractChannel, topology: Topology, instance_id: str
 ) -> AbstractQueue:
@@ -235,7 +280,7 @@ async def declare_inbound(channel: AbstractChannel, topology: Topology) -> Abstr
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
-    await declare_broadcast(channel, topology)
+    await declare_outlets(channel, topology)
     await declare_inbound(channel, topology)
 
 

@@ -35,6 +35,7 @@ stream_gaps_filled = _counter(
 presence_members = _gauge("rt_presence_members", "(topic, user) pairs with a socket on this instance")
 lease_renewals = _counter("rt_lease_renewals", "Renewals of this instance's lease")
 lease_expiries = _counter("rt_lease_expiries", "Lapsed leases of other instances this one removed")
+bindings = _gauge("rt_bindings", "Routing keys (topics, users) this instance's queue is bound to")
 deliveries = _counter("rt_deliveries", "Messages handed to a socket")
 delivery_failures = _counter("rt_delivery_failures", "Messages a socket could not take (closed or too slow)")
 slow_readers_closed = _counter(

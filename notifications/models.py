@@ -60,6 +60,8 @@ class Message(models.Model):
         max_length=210, blank=True, default="", help_text="topic:T, user:ID or broadcast (CONTRACT §4)."
     )
     seq = models.BigIntegerField(null=True, blank=True, help_text="Its number in its stream: 1, 2, 3, ...")
+    #: The stream's epoch, on records numbered or read back here (not a column: the stream's row holds it).
+    epoch: str | None = None
 
     class Meta:
         ordering = ["-created_at"]

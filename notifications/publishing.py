@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    async def publish_broadcast(self, body: dict[str, Any] | bytes, message_id: str) -> None:
-        """Publish a message (or a `pack`ed batch) for sockets, confirmed."""
+    async def publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+        """Publish a message (or a `pack`ed batch of one routing key) for sockets, confirmed:
+        `key` from `broker.routing_key` ("" for every instance)."""
 
     async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
         """Queue an inbound frame (or a `pack`ed batch) for the workers, confirmed and mandatory."""
@@ -56,7 +57,7 @@ class ThreadedPublisher:
         self._thread = threading.Thread(target=self._loop.run_forever, name="publisher", daemon=True)
         self._thread.start()
         self._connection: AbstractRobustConnection | None = None
-        self._broadcast: AbstractExchange | None = None
+        self._outlets: broker.Outlets | None = None
         self._default: AbstractExchange | None = None
         self._connected = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
 
@@ -65,7 +66,7 @@ class ThreadedPublisher:
         channel = await self._connection.channel(publisher_confirms=True)
         topology = broker.current_topology()
         await broker.declare_topology(channel, topology)
-        self._broadcast = await broker.declare_broadcast(channel, topology)
+        self._outlets = await broker.declare_outlets(channel, topology)
         self._default = channel.default_exchange
 
     async def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -77,18 +78,28 @@ class ThreadedPublisher:
                 raise BrokerUnavailable("not connected to RabbitMQ") from None
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
 
-    async def publish_broadcast(self, body: dict[str, Any] | bytes, message_id: str) -> None:
-        await self._run(self._publish(body, message_id, routing_key="", to_broadcast=True))
+    async def publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+        await self._run(self._publish_message(body, message_id, key))
 
     async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
-        await self._run(self._publish(body, message_id, routing_key=broker.current_topology().inbound_queue))
+        await self._run(self._publish_inbound(body, message_id))
 
-    async def _publish(
-        self, body: dict[str, Any] | bytes, message_id: str, *, routing_key: str, to_broadcast: bool = False
-    ) -> None:
-        exchange = self._broadcast if to_broadcast else self._default
-        if exchange is None or self._connection is None or not self._connection.connected.is_set():
+    def _connected_or_raise(self) -> None:
+        if self._connection is None or not self._connection.connected.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
+
+    async def _publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+        self._connected_or_raise()
+        assert self._outlets is not None
+        await self._outlets.publish(body, message_id, key)
+
+    async def _publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
+        self._connected_or_raise()
+        assert self._default is not None
         await broker.publish(
-            exchange, body, message_id=message_id, routing_key=routing_key, mandatory=not to_broadcast
+            self._default,
+            body,
+            message_id=message_id,
+            routing_key=broker.current_topology().inbound_queue,
+            mandatory=True,
         )

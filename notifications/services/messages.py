@@ -1,6 +1,8 @@
 """Publishing messages to sockets: store the record, publish it confirmed, record the outcome."""
 
+import asyncio
 import logging
+import secrets
 import time
 import uuid
 from typing import Any
@@ -10,8 +12,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
 from django.utils import timezone
 
-from notifications import metrics, publishing
-from notifications.broker import BrokerUnavailable
+from notifications import broker, metrics, publishing
+from notifications.broker import BrokerUnavailable, routing_key
 from notifications.models import InboundFrame, Message, clip_error
 from notifications.services import pg_copy, streams
 
@@ -167,7 +169,8 @@ def publish_from_web(message: Message) -> Message:
     message.published_at = timezone.now()
     started = time.perf_counter()
     try:
-        async_to_sync(publishing.current().publish_broadcast)(broker_body(message), str(message.id))
+        body = broker_body(message)
+        async_to_sync(publishing.current().publish_message)(body, str(message.id), routing_key(body))
     except BrokerUnavailable as exc:
         metrics.publish_failures.inc()
         logger.warning("message %s not published: %s", message.id, exc)
@@ -177,3 +180,147 @@ def publish_from_web(message: Message) -> Message:
     metrics.messages_published.inc()
     mark_published([message])
     return message
+
+
+async def publish_now(message: Message) -> None:
+    """Publish one stored message from the event loop (the fast API path), confirmed, with no
+    thread hop; raise BrokerUnavailable. The caller records the outcome (`mark_published`, or
+    `mark_failed` with `sent=exc.maybe_taken`) in its own database hop."""
+    message.published_at = timezone.now()
+    started = time.perf_counter()
+    try:
+        body = broker_body(message)
+        await publishing.current().publish_message(body, str(message.id), routing_key(body))
+    except BrokerUnavailable as exc:
+        metrics.publish_failures.inc()
+        logger.warning("message %s not published: %s", message.id, exc)
+        raise
+    metrics.publish_latency.observe(time.perf_counter() - started)
+    metrics.messages_published.inc()
+
+
+# --- batches (POST /api/v1/messages/batch/) ---------------------------------------------------
+
+# A batch travels several messages per broker message (`{"messages": [...]}`, which every web
+# instance unpacks): the broker and its clients cost about the same per broker message whatever
+# its size. Bounded in count and bytes, so one broker message stays well under a megabyte or so
+# and the instances' per-message work stays short.
+BROKER_BATCH_ITEMS = 100
+BROKER_BATCH_BYTES = 1 << 20
+# The last bytes of a batch message's id are its index in the request (at most 65,536 items).
+_INDEX_BYTES = 2
+
+
+def batch_ids(count: int) -> list[uuid.UUID]:
+    """Ids for the `count` messages of one batch request, in request order.
+
+    Random version-4 UUIDs that share their first 14 bytes; the last two are the item's index. So
+    a batch is found again, in request order, by one range read on the primary key from its first
+    message's id (`batch_id_range`): an Idempotency-Key remembers only that first message.
+    """
+    if not 0 < count <= 1 << (8 * _INDEX_BYTES):
+        raise ValueError(f"a batch holds 1 to {1 << (8 * _INDEX_BYTES)} messages")
+    prefix = secrets.token_bytes(16 - _INDEX_BYTES)
+    return [
+        uuid.UUID(bytes=prefix + index.to_bytes(_INDEX_BYTES, "big"), version=4) for index in range(count)
+    ]
+
+
+def batch_id_range(first: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
+    """The lowest and highest id the batch whose first message is `first` can hold."""
+    prefix = first.bytes[: 16 - _INDEX_BYTES]
+    return (
+        uuid.UUID(bytes=prefix + b"\x00" * _INDEX_BYTES),
+        uuid.UUID(bytes=prefix + b"\xff" * _INDEX_BYTES),
+    )
+
+
+def broker_groups(messages: list[Message]) -> list[tuple[list[Message], bytes, str]]:
+    """The messages cut into broker messages, one routing key each (CONTRACT §2: a message goes
+    only to the instances that hold its recipients), in list order within a key, of at most
+    BROKER_BATCH_ITEMS items and about BROKER_BATCH_BYTES bytes (one larger item travels
+    alone), each `pack`ed; with the key."""
+    by_key: dict[str, list[tuple[Message, bytes]]] = {}
+    for message in messages:
+        fields = broker_body(message)
+        by_key.setdefault(broker.routing_key(fields), []).append((message, broker.encode(fields)))
+    groups: list[tuple[list[Message], bytes, str]] = []
+    for key, items in by_key.items():
+        members: list[Message] = []
+        bodies: list[bytes] = []
+        size = 0
+        for message, body in items:
+            if members and (len(members) >= BROKER_BATCH_ITEMS or size + len(body) > BROKER_BATCH_BYTES):
+                groups.append((members, broker.pack_encoded(broker.MESSAGES, bodies), key))
+                members, bodies, size = [], [], 0
+            members.append(message)
+            bodies.append(body)
+            size += len(body) + 1
+        if members:
+            groups.append((members, broker.pack_encoded(broker.MESSAGES, bodies), key))
+    return groups
+
+
+async def publish_many(messages: list[Message]) -> list[tuple[list[Message], BrokerUnavailable]]:
+    """Publish stored messages in a few broker messages, all sent at once and each confirmed (one
+    channel keeps their order); the groups the broker did not confirm, with why (none: all are
+    in the broker). Sets `published_at` of every message; records nothing (see `record_batch`)."""
+    when = timezone.now()
+    for message in messages:
+        message.published_at = when
+    groups = broker_groups(messages)
+    publisher = publishing.current()
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            publisher.publish_message(body, broker.message_id_for([str(m.id) for m in members]), key)
+            for members, body, key in groups
+        ),
+        return_exceptions=True,
+    )
+    failed: list[tuple[list[Message], BrokerUnavailable]] = []
+    for (members, _, _), result in zip(groups, results, strict=True):
+        if isinstance(result, BrokerUnavailable):
+            failed.append((members, result))
+            metrics.publish_failures.inc(len(members))
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            metrics.messages_published.inc(len(members))
+    metrics.publish_latency.observe(time.perf_counter() - started)
+    if failed:
+        logger.warning(
+            "%d of %d messages of a batch not published: %s",
+            sum(len(members) for members, _ in failed),
+            len(messages),
+            failed[0][1],
+        )
+    return failed
+
+
+def mark_batch_failed(messages: list[Message], error: str, *, sent: bool) -> None:
+    """None of a batch's messages reached the broker for sure: all `failed`. With `sent` False
+    (nothing went out) every stream gets its seqs back, from its highest one down, so no stream
+    is left with a hole (give_back also takes back the given-up messages just below the top)."""
+    text = clip_error(error if sent else streams.GIVEN_UP + error)
+    ids = [message.id for message in messages]
+    with transaction.atomic():
+        Message.objects.filter(id__in=ids).exclude(status=Message.Status.PUBLISHED).update(
+            status=Message.Status.FAILED, error=text
+        )
+        if not sent:
+            tops: dict[str, Message] = {}
+            for message in messages:
+                if message.seq is None:
+                    continue
+                top = tops.get(message.stream)
+                if top is None or (top.seq is not None and message.seq > top.seq):
+                    tops[message.stream] = message
+            for stream in sorted(tops):  # the order numbering locks them in
+                streams.give_back(tops[stream])
+            seqs = dict(Message.objects.filter(id__in=ids).values_list("id", "seq"))
+            for message in messages:
+                message.seq = seqs.get(message.id)
+    for message in messages:
+        message.status = Message.Status.FAILED
+        message.error = text
