@@ -131,6 +131,8 @@ class InstanceBridge:
         logger.info("reconnected to RabbitMQ; queue and bindings restored")
         if self._queue is not None and self._route is not None:
             self.bindings.attach(self._queue, self._route)  # what was asked while it was away
+        # What was lost with a node (or never routed while away) is read back from the streams.
+        asyncio.get_running_loop().create_task(self.streams.resync(), name="streams-resync")
 
     async def stop(self) -> None:
         self._stop.set()

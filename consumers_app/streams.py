@@ -184,12 +184,27 @@ class StreamTracker:
         state.gap_timer = None
         if self.states.get(state.name) is not state or not state.early or state.next_seq is None:
             return
-        after, before = state.next_seq - 1, min(state.early)
+        await self._fill(state, before=min(state.early))
+
+    async def resync(self) -> None:
+        """Deliver what the database has and this instance has not seen, on every stream here.
+
+        After the broker connection came back, possibly to another node of a cluster whose
+        copy of this instance's queue lost messages: no later message may come to show the gap.
+        """
+        loaded = [state for state in self.states.values() if state.next_seq is not None and not state.filling]
+        await asyncio.gather(*(self._fill(state, before=None) for state in loaded))
+
+    async def _fill(self, state: StreamState, before: int | None) -> None:
+        """Read the stream's messages after the last one delivered here (up to `before`) from
+        the database and deliver them in order."""
+        assert state.next_seq is not None
+        after = state.next_seq - 1
         state.filling = True
         try:
             epoch, last, bodies = await database_sync_to_async(between)(state.name, after, before)
         except Exception as exc:
-            logger.warning("could not read the gap %d..%d of %s: %s", after + 1, before - 1, state.name, exc)
+            logger.warning("could not read %s after seq %d: %s", state.name, after, exc)
             return
         finally:
             state.filling = False
@@ -209,8 +224,11 @@ class StreamTracker:
                     len(forged),
                     last,
                 )
-        metrics.stream_gaps_filled.inc(len(bodies))
-        logger.info("stream %s: %d messages read to fill the gap after %d", state.name, len(bodies), after)
+        if bodies:
+            metrics.stream_gaps_filled.inc(len(bodies))
+            logger.info(
+                "stream %s: %d messages read from the database after seq %d", state.name, len(bodies), after
+            )
         for body in bodies:
             if body["seq"] == state.next_seq and epoch == state.epoch:
                 self._emit(state, body)

@@ -245,14 +245,17 @@ def history(stream: str, since: int, limit: int) -> tuple[int, str, list[Message
     return last, epoch, messages
 
 
-def between(stream: str, after: int, before: int) -> tuple[str, int, list[dict[str, Any]]]:
-    """To fill a gap: the stream's epoch and last seq, and its messages with after < seq < before,
-    oldest first."""
+def between(stream: str, after: int, before: int | None) -> tuple[str, int, list[dict[str, Any]]]:
+    """To fill a gap: the stream's epoch and last seq, and its messages with after < seq < before
+    (`before` None: all after), oldest first, at most RT_HISTORY_SIZE."""
     from notifications.services.messages import broker_body
 
     last, epoch = positions([stream])[stream]
+    rows = Message.objects.filter(stream=stream, seq__gt=after, seq__lte=last)
+    if before is not None:
+        rows = rows.filter(seq__lt=before)
     bodies = []
-    for message in Message.objects.filter(stream=stream, seq__gt=after, seq__lt=before).order_by("seq"):
+    for message in rows.order_by("seq")[: settings.RT_HISTORY_SIZE]:
         message.epoch = epoch
         bodies.append(broker_body(message))
     return epoch, last, bodies
