@@ -3,8 +3,8 @@
 Local changes are netted and written every FLUSH_SECONDS (`notifications.services.presence`);
 the joins and leaves the database reports go to every instance over the broker, and each
 instance hands them to its sockets that subscribed with `"presence": true`. The instance renews
-its lease every LEASE_RENEW_SECONDS; every instance looks for lapsed leases and removes a dead
-peer's members, so their `leave`s go out within LEASE_TTL_SECONDS + EXPIRY_CHECK_SECONDS.
+its lease (`consumers_app.leases`); every instance looks for lapsed leases and removes a dead
+peer's members, so their `leave`s go out within the lease's TTL + EXPIRY_CHECK_SECONDS.
 """
 
 import asyncio
@@ -16,6 +16,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
+from consumers_app.leases import RENEW_SECONDS, LeaseRenewer
 from consumers_app.registry import Socket
 from notifications import jsonutil, metrics
 from notifications.backoff import Backoff
@@ -27,10 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Local changes are written this often (and netted in between): joins and leaves within 2 s.
 FLUSH_SECONDS = 0.1
-# A lease lives this long unless renewed; it is renewed this often; lapsed ones are looked for
-# this often. A killed instance's users leave within TTL + check (+ a flush): under 20 s.
-LEASE_TTL_SECONDS = 10.0
-LEASE_RENEW_SECONDS = 3.0
+# Lapsed leases (consumers_app.leases) are looked for this often. A killed instance's users
+# leave within its lease's TTL + this (+ a flush): under 20 s.
 EXPIRY_CHECK_SECONDS = 2.0
 
 Publish = Callable[[bytes, str, str], Awaitable[None]]  # (body, message id, routing key)
@@ -40,7 +39,7 @@ class PresenceTracker:
     def __init__(self, instance_id: str, publish: Publish, stats: Callable[[], dict[str, Any]]) -> None:
         self.instance_id = instance_id
         self._publish = publish
-        self._stats = stats
+        self.lease = LeaseRenewer(instance_id, "web", stats)
         self.local: dict[Key, int] = {}
         self.watchers: dict[str, set[Socket]] = defaultdict(set)
         self._deltas: dict[Key, int] = {}
@@ -90,7 +89,7 @@ class PresenceTracker:
 
     async def _flush_soon(self) -> None:
         """Write what changed in the last FLUSH_SECONDS, retrying while the database is down."""
-        backoff = Backoff(LEASE_RENEW_SECONDS)
+        backoff = Backoff(RENEW_SECONDS)
         await asyncio.sleep(FLUSH_SECONDS)
         while self._deltas:
             try:
@@ -151,11 +150,11 @@ class PresenceTracker:
     async def begin(self) -> None:
         """At start, before any change of this instance is written: whatever a previous process
         of the same name left counted is taken away (its leaves are announced by `start`)."""
-        backoff = Backoff(LEASE_RENEW_SECONDS)
+        backoff = Backoff(RENEW_SECONDS)
         while True:
             try:
                 self._stale = await database_sync_to_async(service.drop_instance)(self.instance_id)
-                await self._renew()
+                await self.lease.renew()
                 break
             except Exception as exc:
                 logger.warning("cannot register this instance's lease (%s); retrying", exc)
@@ -168,7 +167,7 @@ class PresenceTracker:
         stale, self._stale = self._stale, []
         self._tasks = [
             loop.create_task(self.announce(stale), name="presence-stale"),
-            loop.create_task(self._renew_forever(), name="presence-lease"),
+            loop.create_task(self.lease.run(), name="lease"),
             loop.create_task(self._expire_forever(), name="presence-expiry"),
         ]
 
@@ -181,20 +180,6 @@ class PresenceTracker:
                 await self.announce(changes)
             except Exception as exc:
                 logger.warning("could not remove this instance's presence: %s", exc)
-
-    async def _renew(self) -> None:
-        await database_sync_to_async(service.renew_lease)(
-            self.instance_id, "web", LEASE_TTL_SECONDS, self._stats()
-        )
-        metrics.lease_renewals.inc()
-
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(LEASE_RENEW_SECONDS)
-            try:
-                await self._renew()
-            except Exception as exc:
-                logger.warning("could not renew this instance's lease: %s", exc)
 
     async def _expire_forever(self) -> None:
         while True:

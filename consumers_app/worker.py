@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
 from django.utils import timezone
 
+from consumers_app.leases import LeaseRenewer, counter_value
 from consumers_app.outages import OutageWaiter
 from consumers_app.processing import Outcome, Verdict, Work, process_batch, work_from_body
 from consumers_app.settling import REDELIVERIES_HEADER, Settler
@@ -28,6 +29,7 @@ from notifications.backoff import Stopped
 from notifications.models import Message
 from notifications.services import inbound as inbound_service
 from notifications.services.messages import broker_body, mark_failed, mark_published
+from notifications.services.presence import end_lease
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class InboundWorker:
             lanes = [asyncio.create_task(self._lane(), name=f"lane-{n}") for n in range(self.concurrency)]
             sweeper = Sweeper(self.topology, self._outlets, publish.default_exchange, self.outages)
             lanes.append(asyncio.create_task(sweeper.run(), name="sweeper"))
+            lanes.append(asyncio.create_task(self._keep_lease(), name="lease"))
             tag = await queue.consume(self._on_message)
             metrics.broker_connected.set(1)
             logger.info("worker %s consuming %s with %d lanes", self.worker_id, queue.name, self.concurrency)
@@ -98,12 +101,32 @@ class InboundWorker:
             # Closing the channel hands every frame still unacked back to the queue.
             with contextlib.suppress(Exception):
                 await self.connection.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.outages.in_thread(lambda: end_lease(self.worker_id)), 5.0)
             self.executor.shutdown(wait=False, cancel_futures=True)
             metrics.broker_connected.set(0)
             logger.info("worker %s stopped", self.worker_id)
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def _keep_lease(self) -> None:
+        """The worker's lease, for the admin's overview (a worker owns no presence)."""
+        lease = LeaseRenewer(self.worker_id, "worker", self._lease_stats)
+        try:
+            await lease.renew()
+        except Exception as exc:
+            logger.warning("could not register this worker's lease: %s", exc)
+        await lease.run()
+
+    def _lease_stats(self) -> dict[str, Any]:
+        return {
+            "lanes": self.concurrency,
+            "waiting": self.waiting.qsize(),
+            "processed": counter_value("rt_inbound_processed"),
+            "failed": counter_value("rt_inbound_failed"),
+            "dead": counter_value("rt_inbound_dead"),
+        }
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -137,6 +137,11 @@ def renew_lease(instance: str, kind: str, ttl: float, stats: dict[str, Any]) -> 
     )
 
 
+def end_lease(instance: str) -> None:
+    """A process that stops on purpose is gone at once, not after its lease lapses."""
+    InstanceLease.objects.filter(instance=instance).delete()
+
+
 def drop_instance(instance: str) -> list[Change]:
     """Take away everything an instance counted (it drained, died, or starts again): its leaves."""
     with transaction.atomic():
