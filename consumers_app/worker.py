@@ -301,15 +301,16 @@ class InboundWorker:
         A reply that cannot be encoded (a handler's bug) is recorded failed, alone.
         """
         published_at = timezone.now()
-        # Grouped by routing key: a broker message goes only to the instances that hold its
-        # recipients (CONTRACT §2), several replies to one recipient travel together.
-        by_key: dict[str, list[tuple[Message, bytes]]] = {}
+        # Grouped by the web instance the frames came through (where their senders most likely
+        # are), several per broker message, routed to every recipient's key (CONTRACT §2): an
+        # instance takes a group only if it holds one of its recipients.
+        groups: dict[tuple[str, bool], list[tuple[Message, bytes, str]]] = {}
         sendable: list[tuple[Message, bytes]] = []
         for reply in replies:
             reply.published_at = reply.published_at or published_at
             body = broker_body(reply)
             try:
-                encoded = (reply, broker.encode(body))
+                encoded = broker.encode(body)
             except (TypeError, ValueError) as exc:
                 logger.error("%s: reply %s cannot be encoded: %s", self.queue_name, reply.id, exc)
                 await self.outages.until_database_recovers(
@@ -318,20 +319,22 @@ class InboundWorker:
                     lambda r=reply, e=exc: mark_failed(r, f"unencodable: {e}"),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
                 )
                 continue
-            sendable.append(encoded)
-            by_key.setdefault(broker.routing_key(body), []).append(encoded)
+            key = broker.routing_key(body)
+            sendable.append((reply, encoded))
+            groups.setdefault((reply.route_group, not key), []).append((reply, encoded, key))
 
-        async def publish_chunk(key: str, chunk: list[tuple[Message, bytes]]) -> None:
+        async def publish_chunk(chunk: list[tuple[Message, bytes, str]]) -> None:
             outlets = self._outlets
             assert outlets is not None, "the worker is not connected"
-            body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded in chunk])
-            message_id = broker.message_id_for([str(reply.id) for reply, _ in chunk])
-            await self.outages.until_broker_recovers(ids, lambda: outlets.publish(body, message_id, key))
+            body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded, _ in chunk])
+            message_id = broker.message_id_for([str(reply.id) for reply, _, _ in chunk])
+            keys = list(dict.fromkeys(key for _, _, key in chunk))
+            await self.outages.until_broker_recovers(ids, lambda: outlets.publish(body, message_id, keys))
 
         await asyncio.gather(
             *(
-                publish_chunk(key, group[start : start + REPLIES_PER_MESSAGE])
-                for key, group in by_key.items()
+                publish_chunk(group[start : start + REPLIES_PER_MESSAGE])
+                for group in groups.values()
                 for start in range(0, len(group), REPLIES_PER_MESSAGE)
             )
         )

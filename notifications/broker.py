@@ -224,9 +224,16 @@ class Outlets:
     broadcast: AbstractExchange
     route: AbstractExchange
 
-    async def publish(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
-        """Publish (confirmed) with routing key `key`; "" means every instance."""
-        await publish(self.route if key else self.broadcast, body, message_id=message_id, routing_key=key)
+    async def publish(self, body: dict[str, Any] | bytes, message_id: str, key: str | list[str]) -> None:
+        """Publish (confirmed) with routing key `key` ("" means every instance), or with several
+        keys: a `pack` of messages for several recipients goes, once, to each instance bound to
+        any of them (RabbitMQ's sender-selected distribution, the `CC` header)."""
+        keys = [key] if isinstance(key, str) else key
+        if not keys[0]:
+            await publish(self.broadcast, body, message_id=message_id)
+            return
+        headers = {"CC": keys[1:]} if len(keys) > 1 else None
+        await publish(self.route, body, message_id=message_id, routing_key=keys[0], headers=headers)
 
 
 async def declare_outlets(channel: AbstractChannel, topology: Topology) -> Outlets:

@@ -62,6 +62,8 @@ class Message(models.Model):
     seq = models.BigIntegerField(null=True, blank=True, help_text="Its number in its stream: 1, 2, 3, ...")
     #: The stream's epoch, on records numbered or read back here (not a column: the stream's row holds it).
     epoch: str | None = None
+    #: Replies of frames that came through one web instance travel together (not a column).
+    route_group: str = ""
 
     class Meta:
         ordering = ["-created_at"]

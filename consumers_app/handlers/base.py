@@ -67,5 +67,6 @@ class HandlerContext:
     def _add(self, **target: Any) -> Message:
         # Stored with the frame's batch, in the same transaction, after the handler returns.
         message = new_message(source_inbound_id=self.frame.id, origin_instance=self.worker_id, **target)
+        message.route_group = self.frame.instance  # where its sender's socket is, most likely
         self.messages.append(message)
         return message
