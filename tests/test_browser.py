@@ -317,6 +317,164 @@ def test_chat_between_two_pages_on_two_instances(deployment, browser, users):
         assert watch.errors == [] and watch.dialogs == []
 
 
+# Milliseconds a presence change may take to show on the other page: CONTRACT §4 "Presence" says
+# 2 s for a socket that closes; the rest is slack for two shared cores.
+PRESENCE_MS = 6_000
+
+# Records, in the page, the id of every message frame the server sends (before the client's own
+# check for copies), so a test can tell what the server sent from what the page shows.
+COUNT_FRAMES_JS = """() => {
+  window.__messageFrames = [];
+  window.realtime.on("frame", (frame) => {
+    if (frame.type === "message") window.__messageFrames.push(frame.id);
+  });
+}"""
+
+
+def shown_ids(page) -> list[str]:
+    """The ids of the page's message list, top (newest) first."""
+    return page.locator("#messages li[data-id]").evaluate_all("items => items.map(i => i.dataset.id)")
+
+
+def presence_of(page, topic: str):
+    return page.locator(f'#presence-list li[data-topic="{topic}"]')
+
+
+def wait_all_shown(page, streams: dict[str, list[str]], timeout: int = SHOW_MS) -> None:
+    """Until the page shows every id of `streams` (name -> ids); on timeout, say what is missing."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    wanted = [mid for ids in streams.values() for mid in ids]
+    try:
+        page.wait_for_function(
+            'ids => ids.every(id => document.querySelector(`#messages li[data-id="${id}"]`))',
+            arg=wanted,
+            timeout=timeout,
+        )
+    except PlaywrightError:
+        have = set(shown_ids(page))
+        missing = {name: sum(mid not in have for mid in ids) for name, ids in streams.items()}
+        activity = page.locator("#activity").inner_text()
+        raise AssertionError(f"not shown, per stream: {missing}; activity:\n{activity}") from None
+
+
+@pytest.mark.browser
+def test_page_recovers_what_was_published_while_its_instance_was_killed(cluster, deployment, browser, users):
+    """Issue 12: SIGKILL of the page's instance; what is published meanwhile shows once, in order."""
+    from playwright.sync_api import expect
+
+    web_a, web_b = deployment
+    alice = users["alice"]
+    page, watch = open_live_page(browser, web_a, users["bob"])
+    expect_connected(page, "web-1")
+    page.evaluate(COUNT_FRAMES_JS)
+    page.get_by_role("textbox", name="Topic").fill("orders")
+    page.get_by_role("button", name="Subscribe", exact=True).click()
+    expect(page.locator('#topic-list li[data-topic="orders"]')).to_have_attribute("data-confirmed", "true")
+
+    # One topic message seen live; nothing yet on bob's own stream or the broadcasts, so the page
+    # knows no position of those two streams when its instance dies.
+    before = publish_sync(web_b, alice, {"topic": "orders", "event": "order.placed", "payload": {"n": 0}})
+    expect(shown(page, before["id"])).to_be_visible(timeout=SHOW_MS)
+
+    # The instance dies without a word (no drain, no close frame).
+    old_port = web_a.port
+    web_a.kill()
+    expect(page.locator("#rt-state")).to_have_attribute(
+        "data-state", re.compile("reconnecting|connecting"), timeout=SHOW_MS
+    )
+    expect(page.locator("#rt-instance")).to_have_text("—")
+
+    # Meanwhile alice publishes through the other instance: to the topic, to bob, to everyone.
+    missed: dict[str, list[str]] = {"topic:orders": [], "user": [], "broadcast": []}
+    for n in range(1, 6):
+        for stream, body in (
+            ("topic:orders", {"topic": "orders", "event": "order.shipped", "payload": {"n": n}}),
+            ("user", {"user": "bob", "event": "notice", "payload": {"n": n}}),
+        ):
+            missed[stream].append(publish_sync(web_b, alice, body)["id"])
+    for n in range(1, 3):
+        missed["broadcast"].append(
+            publish_sync(web_b, alice, {"broadcast": True, "event": "news", "payload": {"n": n}})["id"]
+        )
+    expected = [before["id"], *(mid for ids in missed.values() for mid in ids)]
+
+    # A successor on the same port takes the page back and replays what each stream missed.
+    web_a2 = cluster.add_web(name="web-1b", port=old_port)
+    web_a2.wait_ready()
+    expect_connected(page, "web-1b", timeout=RECONNECT_MS)
+    wait_all_shown(page, missed | {"before": [before["id"]]})
+    # A message published after the reconnect marks the seam: it comes after the replay, so any
+    # late copy of a replayed message would have arrived before it.
+    after = publish_sync(web_b, alice, {"user": "bob", "event": "notice", "payload": {"n": "after"}})
+    expect(shown(page, after["id"])).to_be_visible(timeout=SHOW_MS)
+    expected.append(after["id"])
+    missed["user"].append(after["id"])
+
+    ids = shown_ids(page)
+    assert sorted(ids) == sorted(expected), "the page shows each message exactly once"
+    assert len(set(ids)) == len(ids)
+    frames = page.evaluate("window.__messageFrames")
+    assert sorted(frames) == sorted(expected), "the server sent each message exactly once"
+    # Newest first on the page: each stream's messages read back in publication order.
+    oldest_first = ids[::-1]
+    for stream, stream_ids in missed.items():
+        assert [i for i in oldest_first if i in stream_ids] == stream_ids, stream
+    expect(page.locator("#message-count")).to_have_text(str(len(expected)))
+    expect(page.locator("#messages-missed")).to_be_hidden()
+    for stream in ("topic:orders", "user", "broadcast"):
+        expect(page.locator("#activity")).not_to_contain_text(f"missed messages of {stream}")
+    expect(page.locator("#activity")).to_contain_text("recovered what topic:orders missed")
+    screenshot(page, "live-page-recovered-after-kill.png")
+
+    assert watch.errors == [] and watch.dialogs == []
+    page.context.close()
+
+
+@pytest.mark.browser
+def test_who_is_here_follows_two_pages_on_two_instances(deployment, browser, users):
+    """Issue 13: each page lists both users on the topic; a page that closes drops off the other's."""
+    from playwright.sync_api import expect
+
+    web_a, web_b = deployment
+    bob, bob_watch = open_live_page(browser, web_a, users["bob"])
+    carol, carol_watch = open_live_page(browser, web_b, users["carol"])
+    expect_connected(bob, "web-1")
+    expect_connected(carol, "web-2")
+    expect(bob.locator("#presence-empty")).to_be_visible()
+
+    for page in (bob, carol):
+        page.get_by_role("textbox", name="Topic").fill("room.42")
+        page.get_by_role("button", name="Subscribe", exact=True).click()
+        expect(page.locator('#topic-list li[data-topic="room.42"]')).to_have_attribute(
+            "data-confirmed", "true"
+        )
+    # bob learns of carol from her join (another instance); carol from her snapshot.
+    for page in (bob, carol):
+        row = presence_of(page, "room.42")
+        expect(row.locator("strong")).to_have_text("room.42", timeout=PRESENCE_MS)
+        expect(row.locator("span")).to_have_text("bob, carol", timeout=PRESENCE_MS)
+        expect(page.locator("#presence-list li")).to_have_count(1)
+        expect(page.locator("#presence-empty")).to_be_hidden()
+    expect(bob.locator("#activity")).to_contain_text("carol joined room.42")
+    screenshot(bob, "live-page-presence.png")
+
+    # carol closes her page: bob's list drops her within the deadline, by a leave.
+    carol.context.close()
+    expect(presence_of(bob, "room.42").locator("span")).to_have_text("bob", timeout=PRESENCE_MS)
+    expect(bob.locator("#activity")).to_contain_text("carol left room.42")
+    screenshot(bob, "live-page-presence-after-leave.png")
+
+    # Unsubscribing empties bob's own list.
+    bob.get_by_role("button", name="Unsubscribe from room.42").click()
+    expect(bob.locator("#presence-list li")).to_have_count(0, timeout=SHOW_MS)
+    expect(bob.locator("#presence-empty")).to_be_visible()
+
+    for watch in (bob_watch, carol_watch):
+        assert watch.errors == [] and watch.dialogs == []
+    bob.context.close()
+
+
 # --- the client library alone, against a scripted socket -------------------------------------
 
 REALTIME_JS = ROOT / "notifications" / "static" / "notifications" / "realtime.js"
@@ -353,9 +511,12 @@ window.client = new RealtimeClient({
   url: "ws://example.test/ws/", WebSocket: FakeSocket, topics: ["news"], pingInterval: 0,
   minDelay: 1000, maxDelay: 8000, drainDelay: 50, slowReaderDelay: 3000, flushBatch: 2, flushPause: 50,
 });
-for (const type of ["state", "welcome", "message", "queue", "subscriptionerror", "servererror"]) {
+for (const type of ["state", "welcome", "message", "queue", "subscriptionerror", "servererror", "recovered", "reset"]) {
   client.on(type, (detail) => events.push({ type, detail }));
 }
+// evaluate() calls what a script ends on if it is a function: here it would be the remover that
+// on() returns, silently dropping the last listener. End on a value instead.
+null;
 """
 
 
@@ -368,13 +529,17 @@ def test_realtime_client_reconnects_resubscribes_and_flushes(bare_browser):
     page.evaluate(FAKE_SOCKET_JS)
     run = page.evaluate
 
-    # First connection: its topics are subscribed as soon as it opens.
+    # First connection: its own streams are resumed and its topics subscribed as soon as it opens.
     assert run("client.state") == "connecting" and run("last().url") == "ws://example.test/ws/"
     run("last().open(); welcome(1)")
     assert run("client.state") == "open"
-    assert run("last().sent.map(f => [f.type, f.topic])") == [["subscribe", "news"]]
+    assert run("last().sent.map(f => [f.type, f.stream || f.topic])") == [
+        ["resume", "user"],
+        ["resume", "broadcast"],
+        ["subscribe", "news"],
+    ]
     assert run("client.ack('00000000-0000-0000-0000-000000000001')") is True
-    assert run("last().sent[1]") == {"type": "ack", "id": "00000000-0000-0000-0000-000000000001"}
+    assert run("last().sent[3]") == {"type": "ack", "id": "00000000-0000-0000-0000-000000000001"}
 
     # Dropped (1006): a jittered wait in [min/2, min]; meanwhile frames queue and acks do not.
     lost = run("""(() => {
@@ -388,13 +553,18 @@ def test_realtime_client_reconnects_resubscribes_and_flushes(bare_browser):
     assert lost["state"] == "reconnecting" and 500 <= lost["delay"] <= 1000, lost
     assert (lost["queued"], lost["acked"]) == (3, False)
 
-    # Second connection: resubscribed first, then the queue flushed in paced batches of two.
+    # Second connection: resumed and resubscribed first, then the queue flushed in paced batches of two.
     run("window.dispatchEvent(new Event('online')); last().open()")
     page.wait_for_function("client.queued === 0", timeout=5_000)
     sent = run("last().sent")
-    assert [(f["type"], f.get("topic")) for f in sent[:2]] == [("subscribe", "news"), ("subscribe", "orders")]
-    assert [f["payload"] for f in sent[2:]] == [{"n": 1}, {"n": 2}, {"n": 3}]
-    assert len({f["ref"] for f in sent[2:]}) == 3
+    assert [(f["type"], f.get("stream") or f.get("topic")) for f in sent[:4]] == [
+        ("resume", "user"),
+        ("resume", "broadcast"),
+        ("subscribe", "news"),
+        ("subscribe", "orders"),
+    ]
+    assert [f["payload"] for f in sent[4:]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert len({f["ref"] for f in sent[4:]}) == 3
 
     # Failed attempts back off exponentially up to the cap (the connection above opened but got no
     # welcome, so it counts as failed too): ceilings 2, 4, 8, 8 s.
@@ -423,4 +593,110 @@ def test_realtime_client_reconnects_resubscribes_and_flushes(bare_browser):
     run("client.close(); window.dispatchEvent(new Event('online'))")
     assert run("client.state") == "closed" and run("last().closedWith") == 1000
     assert run("FakeSocket.all.length") == sockets
+    assert watch.errors == []
+
+
+@pytest.mark.browser
+def test_realtime_client_resumes_its_streams_from_what_it_saw(bare_browser):
+    """The positions sent after a reconnect, from the first connection on (issue 12)."""
+    page = bare_browser.new_page()
+    watch = PageWatch(page)
+    page.set_content("<!doctype html><title>client</title>")
+    page.add_script_tag(content=REALTIME_JS.read_text())
+    page.evaluate(FAKE_SOCKET_JS)
+    run = page.evaluate
+    kinds = "(type) => events.filter((e) => e.type === type).map((e) => e.detail)"
+    run(f"window.of = {kinds}")
+
+    # Nothing seen yet: `user` and `broadcast` are resumed from an epoch no stream has, so their
+    # answers give where they stand (nothing missed, no reset); `news` gets a plain subscribe.
+    run("last().open(); welcome(1)")
+    first = run("last().sent")
+    assert [f["since"] for f in first[:2]] == [{"seq": 0, "epoch": ""}] * 2
+    assert "since" not in first[2] and first[2]["topic"] == "news"
+    run("""(() => {
+        last().receive({type: "resumed", stream: "user", seq: 4, epoch: "u1", recovered: false});
+        last().receive({type: "resumed", stream: "broadcast", seq: 0, epoch: "b1", recovered: false});
+        last().receive({type: "subscribed", topic: "news", seq: 7, epoch: "t1"});
+        last().receive({type: "message", id: "m8", stream: "topic:news", seq: 8, epoch: "t1", topic: "news"});
+        last().receive({type: "message", id: "m8", stream: "topic:news", seq: 8, epoch: "t1", topic: "news"});
+    })()""")
+    assert run("of('reset')") == [] and run("of('recovered')") == []
+    assert run("of('message').map((m) => m.id)") == ["m8"], "a copy is dropped"
+
+    # Reconnected: every stream resumes from the last position it saw.
+    run("dropAndRetry(1006, true); welcome(2)")
+    second = run("last().sent")
+    assert [(f["type"], f.get("stream") or f.get("topic"), f["since"]) for f in second[:3]] == [
+        ("resume", "user", {"seq": 4, "epoch": "u1"}),
+        ("resume", "broadcast", {"seq": 0, "epoch": "b1"}),
+        ("subscribe", "news", {"seq": 8, "epoch": "t1"}),
+    ]
+
+    # Recovered streams say so; one that could not be recovered resets, and goes on from its answer.
+    run("""(() => {
+        last().receive({type: "resumed", stream: "user", seq: 6, epoch: "u1", recovered: true});
+        last().receive({type: "message", id: "m5", stream: "user", seq: 5, epoch: "u1"});
+        last().receive({type: "message", id: "m6", stream: "user", seq: 6, epoch: "u1"});
+        last().receive({type: "resumed", stream: "broadcast", seq: 3000, epoch: "b1", recovered: false});
+        last().receive({type: "subscribed", topic: "news", seq: 8, epoch: "t1", recovered: true});
+    })()""")
+    assert run("of('recovered').map((r) => r.stream)") == ["user", "topic:news"]
+    assert run("of('reset')") == [{"stream": "broadcast", "seq": 3000, "epoch": "b1"}]
+    assert run("of('message').map((m) => m.id)") == ["m8", "m5", "m6"]
+    run("dropAndRetry(1006, true); welcome(3)")
+    assert [f["since"] for f in run("last().sent")[:3]] == [
+        {"seq": 6, "epoch": "u1"},
+        {"seq": 3000, "epoch": "b1"},
+        {"seq": 8, "epoch": "t1"},
+    ]
+    assert watch.errors == []
+
+
+@pytest.mark.browser
+def test_realtime_client_keeps_members_from_a_snapshot_and_the_changes_around_it(bare_browser):
+    """Joins and leaves heard before the snapshot's answer are applied on top of it (issue 13)."""
+    page = bare_browser.new_page()
+    watch = PageWatch(page)
+    page.set_content("<!doctype html><title>client</title>")
+    page.add_script_tag(content=REALTIME_JS.read_text())
+    page.evaluate(FAKE_SOCKET_JS)
+    run = page.evaluate
+    run("""() => {
+        window.lists = [];
+        client.on("members", (info) => lists.push([info.topic, info.users]));
+        last().open();
+        welcome(1);
+        client.subscribe("room", {presence: true});
+    }""")
+    subscribe = run("last().sent.find((f) => f.topic === 'room')")
+    assert subscribe["presence"] is True
+    run("last().receive({type: 'subscribed', topic: 'room', seq: 0, epoch: 'r1'})")
+    ask = run("last().sent.find((f) => f.type === 'presence')")
+    assert ask["topic"] == "room" and ask["ref"].startswith("p")
+
+    # carol joins and dave leaves before the snapshot comes; the snapshot was read before both.
+    run(f"""async () => {{
+        last().receive({{type: "join", topic: "room", user: "carol"}});
+        last().receive({{type: "leave", topic: "room", user: "dave"}});
+        last().receive({{type: "presence", ref: "{ask["ref"]}", topic: "room",
+                         users: [{{user: "bob", connections: 1}}, {{user: "dave", connections: 1}}]}});
+        await Promise.resolve();
+    }}""")
+    assert run("lists") == [["room", ["bob", "carol"]]]
+    run("last().receive({type: 'leave', topic: 'room', user: 'carol'})")
+    assert run("lists.at(-1)") == ["room", ["bob"]]
+
+    # A new connection asks again and replaces the list; unsubscribing forgets it.
+    run("dropAndRetry(1006, true); welcome(2)")
+    assert run("last().sent.find((f) => f.topic === 'room').presence") is True
+    run("last().receive({type: 'subscribed', topic: 'room', seq: 0, epoch: 'r1'})")
+    again = run("last().sent.find((f) => f.type === 'presence').ref")
+    run(f"""async () => {{
+        last().receive({{type: "presence", ref: "{again}", topic: "room", users: [{{user: "erin", connections: 2}}]}});
+        await Promise.resolve();
+    }}""")
+    assert run("lists.at(-1)") == ["room", ["erin"]]
+    run("client.unsubscribe('room'); last().receive({type: 'join', topic: 'room', user: 'zed'})")
+    assert run("client.members.has('room')") is False and run("lists.at(-1)") == ["room", ["erin"]]
     assert watch.errors == []

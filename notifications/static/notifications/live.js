@@ -244,6 +244,7 @@
           confirmed.delete(topic);
           saveTopics();
           renderTopics();
+          renderPresence(); // now, not at the server's answer: none comes while disconnected
         });
         chip.append(text("span", topic), remove);
         return chip;

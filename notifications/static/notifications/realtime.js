@@ -13,7 +13,8 @@
  *   - remembers the last `seq` and `epoch` of every stream it reads (its topics, its user's
  *     stream, the broadcasts) and, after every reconnect, resumes them (`resume`, `subscribe`
  *     with `since`), so what was published meanwhile arrives once and in order; a copy it has
- *     already seen is dropped;
+ *     already seen is dropped; on every connection it resumes `user` and `broadcast` (on the
+ *     first, with an epoch that matches none, only to learn where they stand);
  *   - queues frames sent while disconnected and flushes them, paced under the server's rate
  *     limit, once connected again;
  *   - sends pings and treats a silent socket as dead (half-open TCP connections never close);
@@ -78,6 +79,7 @@
       this.positions = new Map(); // stream -> {seq, epoch}: the last message seen of each
       this.presenceTopics = new Set(); // topics whose joins and leaves this client follows
       this.members = new Map(); // topic -> Set of usernames on it now
+      this._presenceBacklogs = new Map(); // topic -> joins and leaves heard while its snapshot is awaited
       this._presenceWaiters = new Map(); // ref -> resolve, for presence() answers
       this.queue = [];
       this.ws = null;
@@ -156,6 +158,7 @@
       this.topics.delete(topic);
       this.presenceTopics.delete(topic);
       this.members.delete(topic);
+      this._presenceBacklogs.delete(topic);
       this.positions.delete("topic:" + topic);
       if (this.connected) this._sendNow({ type: "unsubscribe", topic: topic });
     }
@@ -209,22 +212,40 @@
     }
 
     _refreshMembers(topic) {
-      // The snapshot after a (re)subscribe; joins and leaves keep it current from there.
+      // The snapshot after a (re)subscribe; joins and leaves keep it current from there. Those
+      // heard before the snapshot's answer are kept and applied on top of it, in order: the
+      // snapshot may have been read before some of them happened.
+      const backlog = [];
+      this._presenceBacklogs.set(topic, backlog);
       this.presence(topic).then(
         (users) => {
+          if (this._presenceBacklogs.get(topic) !== backlog) return; // a newer snapshot is coming
+          this._presenceBacklogs.delete(topic);
           if (!this.presenceTopics.has(topic)) return;
-          this.members.set(topic, new Set(users.map((member) => member.user)));
-          this._emit("members", { topic: topic, users: users.map((member) => member.user).sort() });
+          const members = new Set(users.map((member) => member.user));
+          for (const change of backlog) this._applyPresence(members, change);
+          this.members.set(topic, members);
+          this._emit("members", { topic: topic, users: Array.from(members).sort() });
         },
-        () => {}
+        () => {
+          if (this._presenceBacklogs.get(topic) === backlog) this._presenceBacklogs.delete(topic);
+        }
       );
     }
 
+    _applyPresence(members, change) {
+      if (change.type === "join") members.add(change.user);
+      else members.delete(change.user);
+    }
+
     _resumeNow() {
-      // First thing on a new connection: the server holds these streams until it is told.
+      // First thing on a new connection: the server holds these streams until it is told. A
+      // stream with no message seen yet is resumed too, from an epoch no stream has (""): the
+      // answer (`recovered: false`, nothing replayed) gives its current position, so that the
+      // next reconnect recovers what is published meanwhile even if nothing arrived before.
       for (const stream of ["user", "broadcast"]) {
-        const since = this.positions.get(stream);
-        if (since) this._sendNow({ type: "resume", stream: stream, since: { seq: since.seq, epoch: since.epoch } });
+        const since = this.positions.get(stream) || { seq: 0, epoch: "" };
+        this._sendNow({ type: "resume", stream: stream, since: { seq: since.seq, epoch: since.epoch } });
       }
     }
 
@@ -245,7 +266,10 @@
         this._emit("recovered", { stream: stream, seq: frame.seq });
         return; // the missed messages follow, and move the position on
       }
-      if (frame.recovered === false) this._emit("reset", { stream: stream, seq: frame.seq, epoch: frame.epoch });
+      // Nothing seen of the stream before (the position was asked for): nothing was missed.
+      if (frame.recovered === false && this.positions.has(stream)) {
+        this._emit("reset", { stream: stream, seq: frame.seq, epoch: frame.epoch });
+      }
       this.positions.set(stream, { seq: frame.seq, epoch: frame.epoch });
     }
 
@@ -320,10 +344,12 @@
         }
         case "join":
         case "leave": {
+          const backlog = this._presenceBacklogs.get(frame.topic);
           const members = this.members.get(frame.topic);
-          if (members) {
-            if (frame.type === "join") members.add(frame.user);
-            else members.delete(frame.user);
+          if (backlog) {
+            backlog.push(frame); // applied once the snapshot arrives
+          } else if (members) {
+            this._applyPresence(members, frame);
             this._emit("members", { topic: frame.topic, users: Array.from(members).sort() });
           }
           this._emit(frame.type, frame);
