@@ -1,12 +1,14 @@
 """API shapes (CONTRACT §3)."""
 
+import datetime
 import re
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
 from notifications.models import Delivery, InboundFrame, Message
-from notifications.services.payloads import PayloadRejected, check_payload
+from notifications.services.payloads import PayloadRejected, check_payload, may_hold_rounded_integers
 from notifications.services.streams import wire_name
 from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
 
@@ -77,6 +79,86 @@ class PublishSerializer(serializers.Serializer):
                 {"non_field_errors": ["Give exactly one of `topic`, `user` or `broadcast: true`."]}
             )
         return attrs
+
+
+PUBLISH_FIELDS = frozenset(PublishSerializer._declared_fields)
+# The longest username PublishSerializer takes (Django's own limit).
+USERNAME_MAX_LENGTH = 150
+
+
+def plainly_valid(body: Any) -> dict[str, Any] | None:
+    """The fields of a publish body that is plainly valid, checked without DRF; None when
+    PublishSerializer must decide (and explain what is wrong).
+
+    Accepts only bodies PublishSerializer accepts, with the same values, in a tenth of the time:
+    the fast publish path and the batch endpoint use it, and hand whatever it refuses to the
+    serializer. `user` stays a username here: the caller looks it up (and an unknown one goes to
+    the serializer too). Anything the serializer would coerce (a number as a topic, "true" as
+    broadcast, spaces around an event) is left to it.
+    """
+    if type(body) is not dict or not body.keys() <= PUBLISH_FIELDS:
+        return None
+    topic = body.get("topic")
+    user = body.get("user")
+    broadcast = body.get("broadcast", False)
+    event = body.get("event", "")
+    payload = body.get("payload")
+    if topic is not None and not (type(topic) is str and is_valid_topic_name(topic)):
+        return None
+    if user is not None and not (type(user) is str and 0 < len(user) <= USERNAME_MAX_LENGTH and _plain(user)):
+        return None
+    if type(broadcast) is not bool or type(event) is not str:
+        return None
+    if event and not EVENT_PATTERN.fullmatch(event):
+        return None
+    if (topic is not None) + (user is not None) + broadcast != 1:
+        return None
+    if payload is not None:
+        try:
+            encoded = check_payload(payload)
+        except PayloadRejected:
+            return None
+        if may_hold_rounded_integers(encoded):
+            return None  # orjson may have read an integer past 64 bits as a float: let DRF's parser tell
+    return {"topic": topic, "user": user, "broadcast": broadcast, "event": event, "payload": payload}
+
+
+def _plain(text: str) -> bool:
+    """No U+0000 and no lone surrogate (DRF's CharField refuses both)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def iso_datetime(value: datetime.datetime | None) -> str | None:
+    """A datetime as DRF writes it (ISO 8601, UTC as `Z`)."""
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def message_record(message: Message, username: str | None) -> dict[str, Any]:
+    """What MessageSerializer gives for a message just stored (no deliveries yet), built directly:
+    the publish paths answer with it, many at a time for a batch. `username` is its recipient's."""
+    return {
+        "id": str(message.id),
+        "topic": message.topic,
+        "user": username,
+        "broadcast": message.broadcast,
+        "event": message.event,
+        "payload": message.payload,
+        "status": str(message.status),
+        "created_at": iso_datetime(message.created_at),
+        "published_at": iso_datetime(message.published_at),
+        "stream": wire_name(message.stream) if message.stream else None,
+        "seq": message.seq,
+        "deliveries": [],
+    }
 
 
 class DeliverySerializer(serializers.ModelSerializer):
@@ -180,3 +262,13 @@ class InboundFrameSerializer(serializers.ModelSerializer):
 class TicketSerializer(serializers.Serializer):
     ticket = serializers.CharField()
     expires_in = serializers.IntegerField()
+
+
+class BatchPublishSerializer(serializers.Serializer):
+    """`POST /api/v1/messages/batch/` (for the schema: the view checks the items itself)."""
+
+    messages = serializers.ListField(child=PublishSerializer(), min_length=1, max_length=1000)
+
+
+class BatchRecordsSerializer(serializers.Serializer):
+    messages = MessageSerializer(many=True)

@@ -4,32 +4,32 @@ import logging
 import time
 from typing import cast
 
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import RetrieveAPIView
 from rest_framework.permissions import DjangoModelPermissions, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from notifications import selectors
-from notifications.api.errors import BrokerUnavailableError, Conflict, PayloadTooLarge, Unprocessable
+from notifications.api.errors import PayloadTooLarge
+from notifications.api.flows import PublishBatch, PublishOne
 from notifications.api.serializers import (
+    BatchPublishSerializer,
+    BatchRecordsSerializer,
     HistoryQuerySerializer,
     HistorySerializer,
     InboundFrameSerializer,
     MessageSerializer,
     PublishSerializer,
     TicketSerializer,
-    too_large,
 )
-from notifications.broker import BrokerUnavailable
-from notifications.models import Delivery, Message
-from notifications.services import idempotency, streams
-from notifications.services.messages import create_message, publish_from_web
+from notifications.models import Message
+from notifications.services import streams
 from notifications.tickets import issue_ticket
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 PERMISSION_CACHE_SECONDS = 10.0
 # Room for the envelope around a payload of the largest allowed size.
 REQUEST_OVERHEAD_BYTES = 16 * 1024
-# A retry whose key's message was deleted publishes nothing and gets this 404.
-MESSAGE_DELETED = "The message published with this Idempotency-Key was deleted."
+# A batch request's body at most (413 beyond): 1000 messages of up to ~8 KiB each. Larger
+# payloads (up to RT_MAX_PAYLOAD_BYTES each) travel in smaller batches.
+BATCH_MAX_BYTES = 8 * 1024 * 1024
 
 
 class CanPublish(DjangoModelPermissions):
@@ -69,20 +70,25 @@ class CanPublish(DjangoModelPermissions):
         return allowed
 
 
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    description="Makes retries safe for 24 hours: the same key and body answer with the same message(s).",
+)
+
+
 class MessageCreateView(APIView):
+    """`POST /api/v1/messages/`. Requests with a token are served by `fast_publish` in front of
+    Django where the ASGI module installs it; this view serves the rest (sessions, errors it
+    leaves to DRF) with the same steps (`flows.PublishOne`) and answers."""
+
     permission_classes = [IsAuthenticated, CanPublish]
     queryset = Message.objects.none()
 
     @extend_schema(
         request=PublishSerializer,
-        parameters=[
-            OpenApiParameter(
-                "Idempotency-Key",
-                str,
-                OpenApiParameter.HEADER,
-                description="Makes retries safe for 24 hours: the same key and body answer with the same message.",
-            )
-        ],
+        parameters=[IDEMPOTENCY_KEY],
         responses={
             202: MessageSerializer,
             400: OpenApiResponse(description="Bad input (field errors)"),
@@ -96,72 +102,54 @@ class MessageCreateView(APIView):
     )
     def post(self, request):
         length = int(request.META.get("CONTENT_LENGTH") or 0)
-        if length > settings.RT_MAX_PAYLOAD_BYTES + REQUEST_OVERHEAD_BYTES:
+        if length > max_single_request_bytes():
             raise PayloadTooLarge(
                 f"The request body is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes allow."
             )
-        body = request.data
-        serializer = PublishSerializer(data=body)
-        if not serializer.is_valid():
-            if too_large(serializer.errors):
-                raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
-            raise ValidationError(serializer.errors)
+        flow = PublishOne(request.user, request.data, request.headers.get("Idempotency-Key"))
+        flow.accept()
+        if flow.message is not None:
+            async_to_sync(flow.publish)()
+        return Response(flow.finish(), status=status.HTTP_202_ACCEPTED)
 
-        key = request.headers.get("Idempotency-Key")
-        claim = None
-        if key is not None:
-            if not key or len(key) > idempotency.MAX_KEY_LENGTH:
-                raise ValidationError({"Idempotency-Key": [f"1-{idempotency.MAX_KEY_LENGTH} characters."]})
-            try:
-                claim = idempotency.claim(request.user, key, body)
-            except idempotency.KeyInFlight:
-                raise Conflict("A request with this Idempotency-Key is still in flight.") from None
-            except idempotency.KeyReused:
-                raise Unprocessable("This Idempotency-Key was used with a different body.") from None
-            except idempotency.KeyMessageDeleted:
-                raise NotFound(MESSAGE_DELETED) from None
-            if claim.replay is not None:
-                replay = selectors.visible_messages(request.user).filter(pk=claim.replay.pk).first()
-                if replay is None:  # deleted since the claim
-                    raise NotFound(MESSAGE_DELETED)
-                return self._accepted(replay)
 
-        data = serializer.validated_data
-        try:
-            with transaction.atomic():
-                message = create_message(
-                    topic=data.get("topic"),
-                    user=data.get("user"),
-                    broadcast=bool(data.get("broadcast")),
-                    event=data.get("event") or "",
-                    payload=data.get("payload"),
-                    publisher=request.user,
-                    origin_instance=settings.RT_INSTANCE_ID,
-                )
-                if claim is not None and claim.record is not None:
-                    # Committed with the message: from here on a retry can only find this one.
-                    idempotency.attach(claim.record, message)
-        except BaseException:
-            if claim is not None and claim.record is not None:
-                idempotency.release(claim.record)
-            raise
-        try:
-            publish_from_web(message)
-        except BrokerUnavailable:
-            if claim is not None and claim.record is not None:
-                idempotency.release(claim.record)
-            raise BrokerUnavailableError() from None
-        finally:
-            # Whatever failed after the broker took it (recording the confirm, say), the key
-            # stays with this message: a retry answers with it and publishes nothing.
-            if claim is not None and claim.record is not None and message.status != Message.Status.FAILED:
-                idempotency.complete(claim.record, message)
-        # The record as accepted: its delivery log is written in batches, a moment later (GET it).
-        message._prefetched_objects_cache = {"deliveries": Delivery.objects.none()}  # type: ignore[attr-defined]  # Django's private prefetch cache
-        return self._accepted(message)
+class MessageBatchView(APIView):
+    """`POST /api/v1/messages/batch/`: up to 1000 messages, all or nothing (`flows.PublishBatch`)."""
 
-    def _accepted(self, message: Message) -> Response:
-        return Response(MessageSerializer(message).data, status=status.HTTP_202_ACCEPTED)
+    permission_classes = [IsAuthenticated, CanPublish]
+    queryset = Message.objects.none()
+
+    @extend_schema(
+        request=BatchPublishSerializer,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={
+            202: BatchRecordsSerializer,
+            400: OpenApiResponse(
+                description="Bad input: `messages` lists each item's field errors (`{}` for a valid one)"
+            ),
+            404: OpenApiResponse(description="The batch published with this Idempotency-Key was deleted"),
+            409: OpenApiResponse(description="A request with this Idempotency-Key is still in flight"),
+            413: OpenApiResponse(description=f"Request body larger than {BATCH_MAX_BYTES} bytes"),
+            422: OpenApiResponse(description="Idempotency-Key reused with a different body"),
+            503: OpenApiResponse(description="Broker unavailable; nothing was published"),
+        },
+        summary="Publish 1 to 1000 messages at once: all are accepted, or none",
+    )
+    def post(self, request):
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+        if length > BATCH_MAX_BYTES:
+            raise PayloadTooLarge(f"A batch request is limited to {BATCH_MAX_BYTES} bytes.")
+        flow = PublishBatch(request.user, request.data, request.headers.get("Idempotency-Key"))
+        flow.accept()
+        if flow.messages:
+            async_to_sync(flow.publish)()
+        return Response(flow.finish(), status=status.HTTP_202_ACCEPTED)
+
+
+def max_single_request_bytes() -> int:
+    """The largest body `POST /api/v1/messages/` reads: a payload of the largest allowed size and
+    room for the envelope around it."""
+    return settings.RT_MAX_PAYLOAD_BYTES + REQUEST_OVERHEAD_BYTES
 
 
 class MessageDetailView(RetrieveAPIView):

@@ -1,0 +1,353 @@
+"""Publishing through the API in three steps, shared by the DRF views and the fast ASGI path.
+
+`accept` (sync, one database hop): validate, claim the Idempotency-Key, store the message(s)
+numbered in one transaction. `publish` (async, on the event loop): confirmed by the broker.
+`finish` (sync, one database hop): record the outcome and build the answer. The DRF views run the
+sync steps in their request thread; `fast_publish` runs each in one `database_sync_to_async` hop.
+Errors are DRF's exceptions (APIException), so both paths answer with the same shapes.
+"""
+
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from django.db import transaction
+from rest_framework.exceptions import NotFound, ValidationError
+
+from notifications import selectors
+from notifications.api.errors import BrokerUnavailableError, Conflict, PayloadTooLarge, Unprocessable
+from notifications.api.serializers import (
+    MessageSerializer,
+    PublishSerializer,
+    message_record,
+    plainly_valid,
+    too_large,
+)
+from notifications.broker import BrokerUnavailable
+from notifications.models import IdempotencyKey, Message
+from notifications.services import idempotency
+from notifications.services.messages import (
+    batch_id_range,
+    batch_ids,
+    create_message,
+    mark_batch_failed,
+    mark_failed,
+    mark_published,
+    new_message,
+    publish_many,
+    publish_now,
+    store_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+# A retry whose key's message was deleted publishes nothing and gets this 404.
+MESSAGE_DELETED = "The message published with this Idempotency-Key was deleted."
+# Items of one batch request at most (CONTRACT §3).
+BATCH_MAX_ITEMS = 1000
+
+
+def check_key(key: str | None) -> None:
+    if key is not None and (not key or len(key) > idempotency.MAX_KEY_LENGTH):
+        raise ValidationError({"Idempotency-Key": [f"1-{idempotency.MAX_KEY_LENGTH} characters."]})
+
+
+def claim_key(user: User, key: str | None, body: Any) -> idempotency.Claim | None:
+    """Claim the request's Idempotency-Key (None without one), or raise the API's answer."""
+    if key is None:
+        return None
+    check_key(key)
+    try:
+        return idempotency.claim(user, key, body)
+    except idempotency.KeyInFlight:
+        raise Conflict("A request with this Idempotency-Key is still in flight.") from None
+    except idempotency.KeyReused:
+        raise Unprocessable("This Idempotency-Key was used with a different body.") from None
+    except idempotency.KeyMessageDeleted:
+        raise NotFound(MESSAGE_DELETED) from None
+
+
+def _users_named(names: set[str]) -> dict[str, Any]:
+    if not names:
+        return {}
+    model = get_user_model()
+    field = model.USERNAME_FIELD
+    return {user.get_username(): user for user in model.objects.filter(**{f"{field}__in": names})}
+
+
+def validated(
+    body: Any, fields: dict[str, Any] | None, users: dict[str, Any]
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(fields with `user` a User, {}) for a valid publish body, or (None, DRF's field errors).
+
+    A plainly valid body (`fields`, from `plainly_valid`) skips DRF, its recipient found in
+    `users`; anything else goes through PublishSerializer, which says what is wrong."""
+    if fields is not None:
+        name = fields["user"]
+        if name is None:
+            return fields, {}
+        recipient = users.get(name)
+        if recipient is not None:
+            return {**fields, "user": recipient}, {}
+    serializer = PublishSerializer(data=body)
+    if serializer.is_valid():
+        data = serializer.validated_data
+        return {
+            "topic": data.get("topic"),
+            "user": data.get("user"),
+            "broadcast": bool(data.get("broadcast")),
+            "event": data.get("event") or "",
+            "payload": data.get("payload"),
+        }, {}
+    return None, serializer.errors
+
+
+def _username(user: Any) -> str | None:
+    return user.get_username() if user is not None else None
+
+
+class PublishOne:
+    """`POST /api/v1/messages/`."""
+
+    def __init__(self, user: User, body: Any, key: str | None, *, plain: Any = None) -> None:
+        self.user = user
+        self.body = body
+        self.key = key
+        self.plain_fields: dict[str, Any] | None = plain
+        self.claim: idempotency.Claim | None = None
+        self.message: Message | None = None
+        self.recipient: str | None = None
+        self.answer: dict[str, Any] | None = None  # a replay, answered without publishing
+        self.failure: BrokerUnavailable | None = None
+
+    @staticmethod
+    def plain(body: Any) -> dict[str, Any] | None:
+        """The body's fields if it is plainly valid (see `plainly_valid`), else None."""
+        return plainly_valid(body)
+
+    @property
+    def record(self) -> IdempotencyKey | None:
+        return self.claim.record if self.claim is not None else None
+
+    def accept(self) -> None:
+        """Validate, claim the key, store the message numbered in its stream (sync)."""
+        plain = self.plain_fields if self.plain_fields is not None else plainly_valid(self.body)
+        names = {plain["user"]} if plain is not None and plain["user"] is not None else set()
+        fields, errors = validated(self.body, plain, _users_named(names))
+        if fields is None:
+            if too_large(errors):
+                raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
+            raise ValidationError(errors)
+        self.claim = claim_key(self.user, self.key, self.body)
+        if self.claim is not None and self.claim.replay is not None:
+            replay = selectors.visible_messages(self.user).filter(pk=self.claim.replay.pk).first()
+            if replay is None:  # deleted since the claim
+                raise NotFound(MESSAGE_DELETED)
+            self.answer = dict(MessageSerializer(replay).data)
+            return
+        self.recipient = _username(fields["user"])
+        record = self.record
+        try:
+            with transaction.atomic():
+                self.message = create_message(
+                    topic=fields["topic"],
+                    user=fields["user"],
+                    broadcast=bool(fields["broadcast"]),
+                    event=fields["event"] or "",
+                    payload=fields["payload"],
+                    publisher=self.user,
+                    origin_instance=settings.RT_INSTANCE_ID,
+                )
+                if record is not None:
+                    # Committed with the message: from here on a retry can only find this one.
+                    idempotency.attach(record, self.message)
+        except BaseException:
+            if record is not None:
+                idempotency.release(record)
+            raise
+
+    async def publish(self) -> None:
+        """Publish the stored message, confirmed (async, on the event loop)."""
+        if self.message is None:
+            return
+        try:
+            await publish_now(self.message)
+        except BrokerUnavailable as exc:
+            self.failure = exc
+
+    def finish(self) -> dict[str, Any]:
+        """Record the broker's answer; the 202's record, or raise the 503 (sync)."""
+        if self.answer is not None:
+            return self.answer
+        message = self.message
+        assert message is not None, "accept() first"
+        record = self.record
+        if self.failure is not None:
+            exc = self.failure
+            try:
+                mark_failed(message, f"broker unavailable: {exc}", sent=exc.maybe_taken)
+            finally:
+                if record is not None:
+                    idempotency.release(record)
+            raise BrokerUnavailableError()
+        try:
+            mark_published([message])
+        finally:
+            # Whatever failed after the broker took it (recording the confirm, say), the key
+            # stays with this message: a retry answers with it and publishes nothing.
+            if record is not None:
+                idempotency.complete(record, message)
+        return message_record(message, self.recipient)
+
+
+class PublishBatch:
+    """`POST /api/v1/messages/batch/`: all or nothing, one transaction, a few broker messages."""
+
+    def __init__(self, user: User, body: Any, key: str | None, *, plain: Any = None) -> None:
+        self.user = user
+        self.body = body
+        self.key = key
+        self.plain_items: list[dict[str, Any] | None] | None = plain
+        self.claim: idempotency.Claim | None = None
+        self.messages: list[Message] = []
+        self.recipients: list[str | None] = []
+        self.answer: dict[str, Any] | None = None
+        self.failed: list[tuple[list[Message], BrokerUnavailable]] = []
+
+    @staticmethod
+    def plain(body: Any) -> list[dict[str, Any] | None] | None:
+        """Each item's fields if the whole batch is plainly valid (see `plainly_valid`), else None."""
+        if type(body) is not dict or body.keys() != {"messages"}:
+            return None
+        items = body["messages"]
+        if type(items) is not list or not 0 < len(items) <= BATCH_MAX_ITEMS:
+            return None
+        plain = [plainly_valid(item) for item in items]
+        return None if None in plain else plain
+
+    @property
+    def record(self) -> IdempotencyKey | None:
+        return self.claim.record if self.claim is not None else None
+
+    def items(self) -> list[Any]:
+        body = self.body
+        if not isinstance(body, dict):
+            raise ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        unknown = sorted(set(body) - {"messages"})
+        if unknown:
+            raise ValidationError({name: ["Unknown field."] for name in unknown})
+        items = body.get("messages")
+        if not isinstance(items, list) or not 0 < len(items) <= BATCH_MAX_ITEMS:
+            raise ValidationError({"messages": [f"A list of 1 to {BATCH_MAX_ITEMS} messages."]})
+        return items
+
+    def accept(self) -> None:
+        """Validate every item (a 400 lists each item's errors), claim the key, store them all
+        numbered in one transaction: one numbering statement, one COPY (sync)."""
+        items = self.items()
+        plain = self.plain_items if self.plain_items is not None else [plainly_valid(item) for item in items]
+        users = _users_named({fields["user"] for fields in plain if fields is not None and fields["user"]})
+        targets: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for item, item_plain in zip(items, plain, strict=True):
+            fields, item_errors = validated(item, item_plain, users)
+            errors.append(item_errors)
+            if fields is not None:
+                targets.append(fields)
+        if len(targets) != len(items):
+            raise ValidationError({"messages": errors})
+        self.claim = claim_key(self.user, self.key, self.body)
+        if self.claim is not None and self.claim.replay is not None:
+            self.answer = {"messages": batch_records(self.user, self.claim.replay)}
+            return
+        origin = settings.RT_INSTANCE_ID
+        ids = batch_ids(len(targets))
+        for message_id, fields in zip(ids, targets, strict=True):
+            message = new_message(
+                topic=fields["topic"],
+                user=fields["user"],
+                broadcast=bool(fields["broadcast"]),
+                event=fields["event"] or "",
+                payload=fields["payload"],
+                publisher=self.user,
+                origin_instance=origin,
+            )
+            message.id = message_id
+            self.messages.append(message)
+            self.recipients.append(_username(fields["user"]))
+        record = self.record
+        try:
+            with transaction.atomic():
+                store_messages(self.messages)  # numbered in list order: a stream keeps request order
+                if record is not None:
+                    idempotency.attach(record, self.messages[0])
+        except BaseException:
+            if record is not None:
+                idempotency.release(record)
+            raise
+
+    async def publish(self) -> None:
+        """Publish them all, several per broker message, each confirmed (async)."""
+        if self.messages:
+            self.failed = await publish_many(self.messages)
+
+    def finish(self) -> dict[str, Any]:
+        """Record what the broker confirmed; the 202's records in request order, or the 503 (sync).
+
+        All confirmed: all `published`. None confirmed: all `failed`, seqs given back, key
+        forgotten, 503. Some confirmed (the broker went away mid-batch): those are `published`,
+        the others stay `accepted` (stored, so the sweeper publishes them; web instances fill the
+        gap from the database sooner), and the answer is 202: every message is durably accepted.
+        """
+        if self.answer is not None:
+            return self.answer
+        record = self.record
+        messages = self.messages
+        if self.failed:
+            unconfirmed = {m.id for members, _ in self.failed for m in members}
+            if len(unconfirmed) == len(messages):
+                self._fail_all(record)
+            for message in messages:
+                if message.id in unconfirmed:
+                    message.published_at = None
+            confirmed = [m for m in messages if m.id not in unconfirmed]
+        else:
+            confirmed = messages
+        try:
+            if confirmed:
+                mark_published(confirmed)
+        finally:
+            if record is not None:
+                idempotency.complete(record, messages[0])
+        return {
+            "messages": [
+                message_record(message, recipient)
+                for message, recipient in zip(messages, self.recipients, strict=True)
+            ]
+        }
+
+    def _fail_all(self, record: IdempotencyKey | None) -> None:
+        reason = f"broker unavailable: {self.failed[0][1]}"
+        maybe_taken = [m for members, exc in self.failed if exc.maybe_taken for m in members]
+        never_sent = [m for members, exc in self.failed if not exc.maybe_taken for m in members]
+        try:
+            if maybe_taken:
+                mark_batch_failed(maybe_taken, reason, sent=True)
+            if never_sent:
+                mark_batch_failed(never_sent, reason, sent=False)
+        finally:
+            if record is not None:
+                idempotency.release(record)
+        raise BrokerUnavailableError()
+
+
+def batch_records(user: User, first: Message) -> list[dict[str, Any]]:
+    """The records of the batch whose first message is `first`, as they stand now, in request order."""
+    low, high = batch_id_range(first.pk)
+    messages = selectors.visible_messages(user).filter(id__gte=low, id__lte=high).order_by("id")
+    records = list(MessageSerializer(messages, many=True).data)
+    if not records:
+        raise NotFound(MESSAGE_DELETED)
+    return records
