@@ -23,6 +23,7 @@ from consumers_app.bridge import ensure_bridge, get_bridge  # noqa: E402
 from consumers_app.lifecycle import install_drain_handler  # noqa: E402
 from consumers_app.routing import websocket_urlpatterns  # noqa: E402
 from notifications import publishing  # noqa: E402
+from notifications.api.fast_publish import FastPublish  # noqa: E402
 from realtime_project.gc_tuning import tune_garbage_collector  # noqa: E402
 from realtime_project.switch_interval import shorten_switch_interval  # noqa: E402
 
@@ -45,7 +46,8 @@ class StartBridge:
 application = StartBridge(
     ProtocolTypeRouter(
         {
-            "http": django_http,
+            # Token-authenticated publishes skip Django's middleware and DRF (see fast_publish).
+            "http": FastPublish(django_http),
             "websocket": protected(URLRouter(websocket_urlpatterns)),
         }
     )
