@@ -1,9 +1,13 @@
 """The per-instance broker bridge: one RabbitMQ connection per web process, shared by all sockets.
 
-It consumes the instance's own queue on `<ns>.broadcast` and hands each message to the local
-sockets that match it, encoding the client frame once per message, not once per socket. It also
-publishes (confirmed) for the API and for inbound `send` frames. Daphne runs no ASGI lifespan,
-so the bridge starts once per process from the ASGI module (or lazily, on first use).
+It consumes the instance's own queue (bound to the broadcasts and to the topics and users its
+sockets need) and hands each message to its stream's ordered delivery (`streams`). It also
+publishes (confirmed) for the API, for presence and for inbound `send` frames. Daphne runs no
+ASGI lifespan, so the bridge starts once per process from the ASGI module (or lazily).
+
+It is the one interface sockets use: registry, streams, bindings, presence, the delivery log and
+inbound queueing sit behind it, each in its own module; its methods are short delegations to
+them, which is most of its length.
 """
 
 import asyncio

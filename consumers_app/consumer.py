@@ -1,11 +1,11 @@
 """The WebSocket consumer (CONTRACT §4): checks each client frame and calls a service.
 
+One short method per client frame type, which is most of its length.
 What leaves toward the client is `outbound.Outbound`'s; what the instance shares between its
 sockets (registry, delivery log, inbound queueing) is the bridge's, reached through its methods.
 """
 
 import asyncio
-import json
 import logging
 import uuid
 from typing import Any
@@ -21,6 +21,14 @@ from django.utils import timezone
 
 from consumers_app import lifecycle
 from consumers_app.bridge import InstanceBridge, ensure_bridge
+from consumers_app.frames import (
+    MAX_REF_LENGTH,
+    RESUMABLE,
+    FrameError,
+    exact_payload,
+    ref_of,
+    since_of,
+)
 from consumers_app.handlers.base import Forbidden, InvalidPayload
 from consumers_app.handlers.registry import get_handler
 from consumers_app.outbound import Outbound
@@ -34,19 +42,9 @@ from notifications.services.topics import TOPIC_RULE, can_subscribe, is_valid_to
 
 logger = logging.getLogger(__name__)
 
-MAX_REF_LENGTH = 100
-# Streams a socket may `resume` (its topics are recovered by `subscribe` with `since`).
-RESUMABLE = ("user", "broadcast")
 # Seconds a new socket's own streams (its user's, the broadcasts) are held for a `resume`; a
 # socket that sends anything else first, or nothing, gets them live then.
 RESUME_WINDOW_SECONDS = 2.0
-
-
-class FrameError(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -154,7 +152,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             else:
                 self._rate_limited(None)
             return
-        ref = _ref_of(frame)
+        ref = ref_of(frame)
         self.frame_text = text_data
         try:
             if not self.rate.allow():
@@ -195,7 +193,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
 
     async def on_subscribe(self, frame: dict[str, Any], ref: Any) -> None:
         topic = self._topic(frame)
-        since = _since(frame) if "since" in frame else None
+        since = since_of(frame) if "since" in frame else None
         watch_presence = frame.get("presence", False)
         if not isinstance(watch_presence, bool):
             raise FrameError("invalid", "`presence` must be true or false")
@@ -229,7 +227,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         stream = frame.get("stream")
         if stream not in RESUMABLE:
             raise FrameError("invalid", "resume needs `stream`: `user` or `broadcast`")
-        since = _since(frame)
+        since = since_of(frame)
 
         def answer(position: Recovery) -> None:
             self.push(
@@ -269,7 +267,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
             if may_hold_rounded_integers(encoded):
                 # orjson reads an integer past 64 bits as a float; the API (Python's parser)
                 # refuses it, and so must the socket rather than take a different number.
-                check_payload(_exact_payload(self.frame_text))
+                check_payload(exact_payload(self.frame_text))
             handler.validate(payload)
             if handler.authorizes:
                 await database_sync_to_async(handler.authorize)(self.scope["user"], payload)
@@ -317,36 +315,3 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         "resume": on_resume,
         "presence": on_presence,
     }
-
-
-def _exact_payload(text: str) -> Any:
-    """The `payload` of a frame's text, as Python's parser reads it (integers exactly)."""
-    try:
-        return json.loads(text).get("payload")
-    except (ValueError, RecursionError):
-        raise FrameError("invalid", "the payload cannot be read exactly") from None
-
-
-def _since(frame: dict[str, Any]) -> tuple[int, str]:
-    """A frame's `since`: `{"seq": N, "epoch": "E"}` with N >= 0."""
-    since = frame.get("since")
-    seq = since.get("seq") if isinstance(since, dict) else None
-    epoch = since.get("epoch") if isinstance(since, dict) else None
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not isinstance(epoch, str):
-        raise FrameError("invalid", '`since` must be {"seq": N, "epoch": "E"} with N >= 0')
-    if seq >= 2**63 or len(epoch) > 64:
-        raise FrameError("invalid", "`since` is out of range")
-    return seq, epoch
-
-
-def _ref_of(frame: Any) -> str | int | None:
-    """A frame's `ref` as errors echo it: a string of at most MAX_REF_LENGTH characters or an
-    integer; None for anything else (a frame with such a `ref` is refused)."""
-    if not isinstance(frame, dict):
-        return None
-    ref = frame.get("ref")
-    if isinstance(ref, bool) or not isinstance(ref, (str, int)):
-        return None
-    if len(str(ref)) > MAX_REF_LENGTH:
-        return None
-    return ref

@@ -1,5 +1,7 @@
 """Ordered delivery of each stream in a web instance, and sockets catching up with a stream.
 
+(Ordering, gap filling and catching up share one per-stream state, hence one module.)
+
 Messages can reach an instance out of seq order (several publishers, several connections, a
 sweeper) or not at all (a queue lost with its node). For each stream that has sockets here the
 instance keeps the next seq it expects: an earlier one is a copy and is dropped, a later one

@@ -17,18 +17,17 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
-from django.utils import timezone
 
+from consumers_app.inbound_messages import header_int, read_frames, redeliveries
 from consumers_app.leases import LeaseRenewer, counter_value
 from consumers_app.outages import OutageWaiter
 from consumers_app.processing import Outcome, Verdict, Work, process_batch, work_from_body
-from consumers_app.settling import REDELIVERIES_HEADER, Settler
+from consumers_app.replies import publish_replies
+from consumers_app.settling import Settler
 from consumers_app.sweeper import Sweeper
 from notifications import broker, metrics
 from notifications.backoff import Stopped
-from notifications.models import Message
 from notifications.services import inbound as inbound_service
-from notifications.services.messages import broker_body, mark_failed, mark_published
 from notifications.services.presence import end_lease
 
 logger = logging.getLogger(__name__)
@@ -36,8 +35,6 @@ logger = logging.getLogger(__name__)
 # Broker messages one lane processes in one transaction at most. Larger batches commit less
 # often, but a slow handler holds up the rest of its batch.
 BATCH_MESSAGES = 8
-# Replies per broker message at most (they are published together, see `broker.pack`).
-REPLIES_PER_MESSAGE = 64
 # Seconds a stopping worker lets in-flight frames finish before handing them back.
 STOP_GRACE_SECONDS = 25.0
 # A frame redelivered this often has killed its workers (they died before they could record
@@ -68,6 +65,7 @@ class InboundWorker:
         except asyncio.CancelledError:
             return
         lanes: list[asyncio.Task[None]] = []
+        chores: list[asyncio.Task[None]] = []  # run beside the lanes until the worker stops
         try:
             setup = await self.connection.channel()
             await broker.declare_topology(setup, self.topology)
@@ -84,8 +82,10 @@ class InboundWorker:
             queue = await broker.declare_inbound(consume, self.topology)
             lanes = [asyncio.create_task(self._lane(), name=f"lane-{n}") for n in range(self.concurrency)]
             sweeper = Sweeper(self.topology, self._outlets, publish.default_exchange, self.outages)
-            lanes.append(asyncio.create_task(sweeper.run(), name="sweeper"))
-            lanes.append(asyncio.create_task(self._keep_lease(), name="lease"))
+            chores = [
+                asyncio.create_task(sweeper.run(), name="sweeper"),
+                asyncio.create_task(self._keep_lease(), name="lease"),
+            ]
             tag = await queue.consume(self._on_message)
             metrics.broker_connected.set(1)
             logger.info("worker %s consuming %s with %d lanes", self.worker_id, queue.name, self.concurrency)
@@ -96,8 +96,8 @@ class InboundWorker:
                 await queue.cancel(tag)
             await asyncio.wait(lanes, timeout=STOP_GRACE_SECONDS)
         finally:
-            for lane in lanes:
-                lane.cancel()
+            for task in lanes + chores:
+                task.cancel()
             # Closing the channel hands every frame still unacked back to the queue.
             with contextlib.suppress(Exception):
                 await self.connection.close()
@@ -188,7 +188,7 @@ class InboundWorker:
         error = f"{type(exc).__name__}: {exc}"
         work = self._frames_of(message)
         if work is not None and len(work) > 1:
-            await self._settler.split(message, work, _redeliveries(message))
+            await self._settler.split(message, work, redeliveries(message))
             return
         if work:
             (item,) = work
@@ -221,7 +221,8 @@ class InboundWorker:
             reply for outcome in outcomes if outcome.verdict is Verdict.PROCESSED for reply in outcome.replies
         ]
         if replies:
-            await self._publish_replies(ids, replies)
+            assert self._outlets is not None, "the worker is not connected"
+            await publish_replies(self._outlets, self.outages, ids, replies)
         remaining = iter(outcomes)
         await asyncio.gather(
             *(
@@ -248,7 +249,7 @@ class InboundWorker:
     def _frames_of(self, message: AbstractIncomingMessage) -> list[Work] | None:
         """The frames a message carries, or None if it cannot be read."""
         try:
-            return _read(message)
+            return read_frames(message)
         except (ValueError, TypeError):
             return None
 
@@ -265,9 +266,10 @@ class InboundWorker:
             return None
         work: list[Work] = []
         unreadable: list[tuple[Any, str]] = []
+        earlier = redeliveries(message)
         for body in bodies:
             try:
-                work.append(work_from_body(body, _redeliveries(message)))
+                work.append(work_from_body(body, earlier))
             except ValueError as exc:
                 unreadable.append((body, f"unreadable: {exc}"))
         if not work:
@@ -275,89 +277,19 @@ class InboundWorker:
             return None
         for body, error in unreadable:
             await self._settler.dead_letter_item(body, error, str(message.message_id))
-        redeliveries = work[0].redeliveries
-        if len(work) > 1 and _header_int(message, "x-delivery-count"):
+        if len(work) > 1 and header_int(message, "x-delivery-count"):
             # It came back (its worker died or stopped): its frames go on one by one, so a frame
             # that kills its worker takes no other down with it.
-            await self._settler.split(message, work, redeliveries)
+            await self._settler.split(message, work, earlier)
             return None
-        if len(work) == 1 and redeliveries >= POISON_REDELIVERIES:
+        if len(work) == 1 and earlier >= POISON_REDELIVERIES:
             (item,) = work
-            error = f"redelivered {redeliveries} times: its workers died while processing it"
+            error = f"redelivered {earlier} times: its workers died while processing it"
             logger.error("%s: inbound %s dead-lettered: %s", self.queue_name, item.frame_id, error)
             await self.outages.until_database_recovers(
                 "mark dead", item.frame_id, lambda: inbound_service.mark_dead(item.frame_id, error)
             )
-            await self._settler.dead_letter(item, error, redeliveries)
+            await self._settler.dead_letter(item, error, earlier)
             await self._settler.ack(message)
             return None
         return work
-
-    # --- replies -------------------------------------------------------------------------
-
-    async def _publish_replies(self, ids: str, replies: list[Message]) -> None:
-        """Publish a batch's replies, several per broker message, then record them published.
-
-        A reply that cannot be encoded (a handler's bug) is recorded failed, alone.
-        """
-        published_at = timezone.now()
-        # Grouped by the web instance the frames came through (where their senders most likely
-        # are), several per broker message, routed to every recipient's key (CONTRACT §2): an
-        # instance takes a group only if it holds one of its recipients.
-        groups: dict[tuple[str, bool], list[tuple[Message, bytes, str]]] = {}
-        sendable: list[tuple[Message, bytes]] = []
-        for reply in replies:
-            reply.published_at = reply.published_at or published_at
-            body = broker_body(reply)
-            try:
-                encoded = broker.encode(body)
-            except (TypeError, ValueError) as exc:
-                logger.error("%s: reply %s cannot be encoded: %s", self.queue_name, reply.id, exc)
-                await self.outages.until_database_recovers(
-                    "recording a failed reply",
-                    ids,
-                    lambda r=reply, e=exc: mark_failed(r, f"unencodable: {e}"),  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
-                )
-                continue
-            key = broker.routing_key(body)
-            sendable.append((reply, encoded))
-            groups.setdefault((reply.route_group, not key), []).append((reply, encoded, key))
-
-        async def publish_chunk(chunk: list[tuple[Message, bytes, str]]) -> None:
-            outlets = self._outlets
-            assert outlets is not None, "the worker is not connected"
-            body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded, _ in chunk])
-            message_id = broker.message_id_for([str(reply.id) for reply, _, _ in chunk])
-            keys = list(dict.fromkeys(key for _, _, key in chunk))
-            await self.outages.until_broker_recovers(ids, lambda: outlets.publish(body, message_id, keys))
-
-        await asyncio.gather(
-            *(
-                publish_chunk(group[start : start + REPLIES_PER_MESSAGE])
-                for group in groups.values()
-                for start in range(0, len(group), REPLIES_PER_MESSAGE)
-            )
-        )
-        published = [reply for reply, _ in sendable]
-        metrics.messages_published.inc(len(published))
-        if published:
-            await self.outages.until_database_recovers(
-                "recording replies", ids, lambda: mark_published(published)
-            )
-
-
-def _read(message: AbstractIncomingMessage) -> list[Work]:
-    """The frames of a message; ValueError or TypeError if any is not one a socket queued."""
-    bodies = broker.unpack(broker.decode(message.body), broker.FRAMES)
-    return [work_from_body(body, _redeliveries(message)) for body in bodies]
-
-
-def _redeliveries(message: AbstractIncomingMessage) -> int:
-    """Deliveries of this frame that died with their worker: the broker's count, plus the count
-    it carried when it was split out of a larger message."""
-    return _header_int(message, "x-delivery-count") + _header_int(message, REDELIVERIES_HEADER)
-
-
-def _header_int(message: AbstractIncomingMessage, name: str) -> int:
-    value = (message.headers or {}).get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
