@@ -6,6 +6,7 @@ from django.db.models import Count, Q
 from django.urls import reverse
 from django.utils.html import format_html
 
+from notifications.admin_overview import install as install_overview
 from notifications.models import Delivery, InboundFrame, Message, Topic
 from notifications.services.requeue import requeue_dead_frames
 
@@ -191,3 +192,7 @@ class InboundFrameAdmin(ReadOnlyAdmin):
             self.message_user(request, f"Requeued {outcome.requeued} dead frame(s).", messages.SUCCESS)
         if outcome.error:
             self.message_user(request, f"Stopped requeueing: {outcome.error}", messages.ERROR)
+
+
+# The overview page, /admin/overview/ (notifications/admin_overview.py), linked from the index.
+install_overview(admin.site)

@@ -700,3 +700,190 @@ def test_realtime_client_keeps_members_from_a_snapshot_and_the_changes_around_it
     run("client.unsubscribe('room'); last().receive({type: 'join', topic: 'room', user: 'zed'})")
     assert run("client.members.has('room')") is False and run("lists.at(-1)") == ["room", ["erin"]]
     assert watch.errors == []
+
+
+@pytest.mark.browser
+def test_admin_overview_follows_instances_queues_and_dead_frames(cluster, deployment, browser, users):
+    """Issue 16: /admin/overview/ in Chromium with two instances and a worker up, then one of the
+    instances killed: it shows gone within its lease time; the queue depths are the broker's; a
+    dead frame is requeued from the page; non-staff get the admin's sign-in page, and the page
+    stays usable on an instance that cannot reach the broker."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import aio_pika
+    from django.conf import settings
+    from django.contrib.auth.models import Permission, User
+    from django.db import connections
+    from django.utils import timezone
+    from playwright.sync_api import expect
+
+    from consumers_app.leases import TTL_SECONDS
+    from notifications.admin_overview import REFRESH_MS
+    from notifications.broker import Topology
+    from notifications.models import InboundFrame, InstanceLease
+    from tests.support.broker import queue_stats
+    from tests.support.processes import free_port
+
+    def off_loop(function):
+        """Run `function` in a thread of its own: this one holds Playwright's event loop, where
+        neither the ORM nor asyncio.run may be used."""
+
+        def call():
+            try:
+                return function()
+            finally:
+                connections.close_all()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(call).result(timeout=30)
+
+    def in_thread(make_coroutine):
+        return off_loop(lambda: asyncio.run(make_coroutine()))
+
+    def answers(url: str) -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    web_a, web_b = deployment
+    topology = Topology(cluster.namespace)
+    dead_in_queue = 5
+
+    async def fill_dead_queue() -> None:
+        connection = await aio_pika.connect(settings.AMQP_URL)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            for n in range(dead_in_queue):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(b'{"n": %d}' % n), routing_key=topology.dead_queue
+                )
+        finally:
+            await connection.close()
+
+    def dead_frame_and_requeue_permission() -> InboundFrame:
+        staff = User.objects.get(username="staff")
+        staff.user_permissions.add(Permission.objects.get(codename="change_inboundframe"))
+        return InboundFrame.objects.create(
+            user=User.objects.get(username="bob"),
+            event="echo",
+            payload={"text": "once more"},
+            status=InboundFrame.Status.DEAD,
+            attempts=5,
+            error="RuntimeError: the handler gave up <b>loudly</b>",
+            processed_at=timezone.now(),
+        )
+
+    in_thread(fill_dead_queue)
+    frame = off_loop(dead_frame_and_requeue_permission)
+
+    # bob's live page holds a socket on web-1, and gets (and acks) three messages.
+    live, _ = open_live_page(browser, web_a, users["bob"])
+    expect_connected(live, "web-1")
+    for n in range(3):
+        sent = publish_sync(web_b, users["alice"], {"user": "bob", "event": "note", "payload": {"n": n}})
+        expect(shown(live, sent["id"])).to_be_visible(timeout=SHOW_MS)
+
+    # The staff user signs in to the admin and follows the index's link.
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    watch = PageWatch(page)
+    page.goto(f"{web_a.url}/admin/")
+    page.get_by_label("Username").fill(users["staff"].username)
+    page.get_by_label("Password").fill(users["staff"].password)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(f"{web_a.url}/admin/")
+    page.locator("#overview-link").click()
+    expect(page).to_have_url(f"{web_a.url}/admin/overview/")
+
+    def row(instance: str):
+        return page.locator(f'tr[data-instance="{instance}"]')
+
+    for instance in ("web-1", "web-2", "worker-1"):
+        expect(row(instance)).to_have_attribute("data-state", "up", timeout=SHOW_MS)
+    # Counters come with the leases (renewed every 3 s) and the page refreshes by itself.
+    expect(row("web-1").locator('[data-stat="sockets"]')).to_have_text("1", timeout=SHOW_MS)
+    expect(row("worker-1").locator('[data-stat="lanes"]')).to_have_text("4")
+
+    # Queue depths: what a passive declare says now.
+    dead_row = page.locator(f'#queues tr[data-queue="{topology.dead_queue}"] td[data-messages]')
+    expect(dead_row).to_have_attribute("data-messages", str(dead_in_queue), timeout=SHOW_MS)
+    depths = dict(
+        page.locator("#queues tr[data-queue]").evaluate_all(
+            "rows => rows.map(r => [r.dataset.queue, r.querySelector('td[data-messages]').dataset.messages])"
+        )
+    )
+    assert list(depths) == [
+        topology.inbound_queue,
+        *map(topology.retry_queue, [1, 2, 4, 8]),
+        topology.dead_queue,
+    ]
+    for name, messages in depths.items():
+        stats = in_thread(lambda name=name: queue_stats(name))
+        assert stats is not None and messages == str(stats[0]), (name, messages, stats)
+    # The last hour's rates (read again every 10 s): at least the three messages, delivered and acked.
+    for series in ("published", "delivered", "acked"):
+        chart = page.locator(f'#overview-rates figure[data-series="{series}"]')
+        expect(chart).to_have_attribute("data-total", re.compile(r"^([3-9]|\d\d+)$"), timeout=25_000)
+        expect(chart.locator("rect")).not_to_have_count(0)
+    dead = page.locator(f'#dead-frames tr[data-frame="{frame.pk}"]')
+    expect(dead).to_contain_text("RuntimeError: the handler gave up <b>loudly</b>")
+    screenshot(page, "admin-overview.png")
+
+    # web-2 dies without a word: gone once its lease lapses (at most TTL after its last renewal).
+    killed_at = time.monotonic()
+    web_b.kill()
+    expect(row("web-2")).to_have_attribute(
+        "data-state", "gone", timeout=int((TTL_SECONDS + 2 * REFRESH_MS / 1000 + 3) * 1000)
+    )
+    gone_after = time.monotonic() - killed_at
+    assert gone_after <= TTL_SECONDS + 2 * REFRESH_MS / 1000 + 3, gone_after
+    expect(row("web-1")).to_have_attribute("data-state", "up")
+    expect(row("worker-1")).to_have_attribute("data-state", "up")
+    # web-1 removes the lapsed lease; the page keeps showing web-2 as gone.
+    wait_until(
+        lambda: off_loop(lambda: not InstanceLease.objects.filter(instance="web-2").exists()),
+        timeout=SHOW_MS / 1000,
+        what="web-2's lease removed",
+    )
+    before = page.locator("#overview-status").get_attribute("data-generated-at")
+    expect(page.locator("#overview-status")).not_to_have_attribute(
+        "data-generated-at", before, timeout=SHOW_MS
+    )
+    expect(row("web-2")).to_have_attribute("data-state", "gone")
+    expect(page.locator("#overview-status")).to_have_attribute("data-state", "live")
+    screenshot(page, "admin-overview-instance-gone.png")
+
+    # Requeue the dead frame from the page: the worker processes it this time.
+    page.get_by_role("button", name=f"Requeue frame {frame.pk}").click()
+    expect(page.locator(".messagelist")).to_contain_text("Requeued 1 dead frame(s).")
+    wait_until(
+        lambda: off_loop(
+            lambda: InboundFrame.objects.get(pk=frame.pk).status == InboundFrame.Status.PROCESSED
+        ),
+        timeout=SHOW_MS / 1000,
+        what="the requeued frame processed",
+    )
+    expect(page.locator("#no-dead-frames")).to_be_visible(timeout=SHOW_MS)
+
+    # An instance that cannot reach the broker still serves the page, saying so.
+    cut_off = cluster.add_web("web-3", AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    wait_until(lambda: answers(f"{cut_off.url}/healthz"), timeout=SHOW_MS / 1000, what="web-3 serving HTTP")
+    started = time.monotonic()
+    page.goto(f"{cut_off.url}/admin/overview/")  # the session cookie is the host's, any port
+    assert time.monotonic() - started < 10
+    expect(page.locator("#broker-unavailable")).to_contain_text("Broker unavailable")
+    expect(row("web-1")).to_have_attribute("data-state", "up")
+    expect(page.locator("#overview-status")).to_have_attribute("data-state", "live", timeout=SHOW_MS)
+    screenshot(page, "admin-overview-broker-unavailable.png")
+    assert watch.errors == [] and watch.dialogs == []
+
+    # bob is signed in but no staff: the admin's sign-in page, and 403 for the page's data.
+    bob_page = live.context.new_page()
+    bob_page.goto(f"{web_a.url}/admin/overview/")
+    expect(bob_page).to_have_url(f"{web_a.url}/admin/login/?next=/admin/overview/")
+    expect(bob_page.locator("body")).to_contain_text("not authorized")
+    assert live.context.request.get(f"{web_a.url}/admin/overview/parts/").status == 403
+    context.close()
