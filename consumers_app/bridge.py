@@ -254,6 +254,7 @@ class InstanceBridge:
     def _lease_stats(self) -> dict[str, Any]:
         """What the admin's overview shows of this instance (written with each lease renewal)."""
         return {
+            "broker_connected": self.ready,
             "sockets": len(self.registry),
             "subscriptions": sum(len(topics) for topics in self.registry.topics_of.values()),
             "streams": len(self.streams.states),

@@ -65,7 +65,7 @@ class Process:
 
     instance: str
     kind: str
-    state: str  # up | late | gone
+    state: str  # up | no broker | late | gone
     started_at: datetime.datetime
     renewed_at: datetime.datetime
     expires_at: datetime.datetime
@@ -92,6 +92,8 @@ def lease_state(lease: InstanceLease, now: datetime.datetime) -> str:
         return "gone"
     if (now - lease.renewed_at).total_seconds() > LATE_AFTER_SECONDS:
         return "late"
+    if isinstance(lease.stats, dict) and lease.stats.get("broker_connected") is False:
+        return "no broker"  # alive, but not connected to RabbitMQ (its /readyz says 503)
     return "up"
 
 

@@ -167,7 +167,9 @@ def test_the_compose_file_refuses_to_start_without_the_secrets(compose_raw, env_
 
 def test_compose_services_are_the_contracts_processes(compose):
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "postgres", "migrate", "web", "worker", "nginx"}
+    # The optional `monitoring` profile (Prometheus, Grafana) aside.
+    always = {name for name, service in services.items() if "monitoring" not in service.get("profiles", [])}
+    assert always == {"rabbitmq", "postgres", "migrate", "web", "worker", "nginx"}
 
     assert re.match(r"rabbitmq:3(\.\d+)?-management", services["rabbitmq"]["image"])
     assert services["rabbitmq"]["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
