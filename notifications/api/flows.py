@@ -14,7 +14,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import transaction
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 
 from notifications import selectors
 from notifications.api.errors import BrokerUnavailableError, Conflict, PayloadTooLarge, Unprocessable
@@ -27,11 +27,10 @@ from notifications.api.serializers import (
 )
 from notifications.broker import BrokerUnavailable
 from notifications.models import IdempotencyKey, Message
-from notifications.services import idempotency
+from notifications.services import idempotency, streams
 from notifications.services.messages import (
     batch_id_range,
     batch_ids,
-    create_message,
     mark_batch_failed,
     mark_failed,
     mark_published,
@@ -121,6 +120,9 @@ class PublishOne:
         self.recipient: str | None = None
         self.answer: dict[str, Any] | None = None  # a replay, answered without publishing
         self.failure: BrokerUnavailable | None = None
+        # When handled together with others (`accept_together`...): its error, or its answer.
+        self.error: APIException | None = None
+        self.result: dict[str, Any] | None = None
 
     @staticmethod
     def plain(body: Any) -> dict[str, Any] | None:
@@ -131,39 +133,61 @@ class PublishOne:
     def record(self) -> IdempotencyKey | None:
         return self.claim.record if self.claim is not None else None
 
-    def accept(self) -> None:
-        """Validate, claim the key, store the message numbered in its stream (sync)."""
-        plain = self.plain_fields if self.plain_fields is not None else plainly_valid(self.body)
-        names = {plain["user"]} if plain is not None and plain["user"] is not None else set()
-        fields, errors = validated(self.body, plain, _users_named(names))
+    def recipient_names(self) -> set[str]:
+        """The username to look up for a plainly valid body (`check` takes the users found)."""
+        if self.plain_fields is None:
+            self.plain_fields = plainly_valid(self.body)
+        plain = self.plain_fields
+        return {plain["user"]} if plain is not None and plain["user"] is not None else set()
+
+    def check(self, users: dict[str, Any]) -> dict[str, Any]:
+        """The body's fields, or raise DRF's 400 (413 for a payload over the limit)."""
+        fields, errors = validated(self.body, self.plain_fields, users)
         if fields is None:
             if too_large(errors):
                 raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
             raise ValidationError(errors)
+        self.recipient = _username(fields["user"])
+        return fields
+
+    def claim_or_replay(self) -> None:
+        """Claim the Idempotency-Key; a finished request with it becomes this one's `answer`."""
         self.claim = claim_key(self.user, self.key, self.body)
         if self.claim is not None and self.claim.replay is not None:
             replay = selectors.visible_messages(self.user).filter(pk=self.claim.replay.pk).first()
             if replay is None:  # deleted since the claim
                 raise NotFound(MESSAGE_DELETED)
             self.answer = dict(MessageSerializer(replay).data)
+
+    def new_message(self, fields: dict[str, Any]) -> Message:
+        return new_message(
+            topic=fields["topic"],
+            user=fields["user"],
+            broadcast=bool(fields["broadcast"]),
+            event=fields["event"] or "",
+            payload=fields["payload"],
+            publisher=self.user,
+            origin_instance=settings.RT_INSTANCE_ID,
+        )
+
+    def accept(self) -> None:
+        """Validate, claim the key, store the message numbered in its stream (sync)."""
+        fields = self.check(_users_named(self.recipient_names()))
+        self.claim_or_replay()
+        if self.answer is not None:
             return
-        self.recipient = _username(fields["user"])
         record = self.record
         try:
             with transaction.atomic():
-                self.message = create_message(
-                    topic=fields["topic"],
-                    user=fields["user"],
-                    broadcast=bool(fields["broadcast"]),
-                    event=fields["event"] or "",
-                    payload=fields["payload"],
-                    publisher=self.user,
-                    origin_instance=settings.RT_INSTANCE_ID,
-                )
+                message = self.new_message(fields)
+                streams.number([message])
+                message.save(force_insert=True)
+                self.message = message
                 if record is not None:
                     # Committed with the message: from here on a retry can only find this one.
-                    idempotency.attach(record, self.message)
+                    idempotency.attach(record, message)
         except BaseException:
+            self.message = None
             if record is not None:
                 idempotency.release(record)
             raise
@@ -351,3 +375,96 @@ def batch_records(user: User, first: Message) -> list[dict[str, Any]]:
     if not records:
         raise NotFound(MESSAGE_DELETED)
     return records
+
+
+# --- single publishes that arrive together, stored and published together -----------------------
+
+
+def accept_together(flows: list[PublishOne]) -> None:
+    """`accept` for many single publishes at once (sync, one database hop): one query for their
+    recipients, then ONE transaction for their keys and messages (one numbering statement, one
+    COPY). A request that fails alone (bad input, its key in flight or reused) keeps its error in
+    `error`; a database error fails them all (raised; the transaction takes the keys back too).
+
+    Keys are claimed in (user, key) order and inside the transaction, before the streams are
+    numbered (in name order): every process takes those locks in one order, so two groups can
+    wait for each other but never deadlock.
+    """
+    names: set[str] = set()
+    for flow in flows:
+        names |= flow.recipient_names()
+    users = _users_named(names)
+    checked: list[tuple[PublishOne, dict[str, Any]]] = []
+    for flow in flows:
+        try:
+            checked.append((flow, flow.check(users)))
+        except APIException as exc:
+            flow.error = exc
+    with transaction.atomic():
+        for flow, _ in sorted(checked, key=lambda pair: (pair[0].user.pk, pair[0].key or "")):
+            if flow.key is None:
+                continue
+            try:
+                with transaction.atomic():
+                    flow.claim_or_replay()
+            except APIException as exc:
+                flow.claim = None
+                flow.error = exc
+        fresh = [(flow, fields) for flow, fields in checked if flow.error is None and flow.answer is None]
+        for flow, fields in fresh:
+            flow.message = flow.new_message(fields)
+        if fresh:
+            store_messages([flow.message for flow, _ in fresh if flow.message is not None])
+        for flow, _ in fresh:
+            record = flow.record
+            if record is not None and flow.message is not None:
+                idempotency.attach(record, flow.message)
+
+
+async def publish_together(flows: list[PublishOne]) -> None:
+    """Publish the messages of many single publishes, several per broker message (async)."""
+    by_id = {flow.message.id: flow for flow in flows if flow.message is not None}
+    if not by_id:
+        return
+    for members, exc in await publish_many([flow.message for flow in by_id.values() if flow.message]):
+        for message in members:
+            by_id[message.id].failure = exc
+
+
+def finish_together(flows: list[PublishOne]) -> None:
+    """`finish` for many (sync, one database hop): one update marks the confirmed ones published
+    and one completes their keys; the others are `failed`, their seqs given back where nothing
+    was sent, their keys forgotten, their requests a 503. Each flow's answer is in `result`."""
+    confirmed = [flow for flow in flows if flow.message is not None and flow.failure is None]
+    unconfirmed = [flow for flow in flows if flow.message is not None and flow.failure is not None]
+    if unconfirmed:
+        reason = f"broker unavailable: {unconfirmed[0].failure}"
+        maybe = [
+            f.message for f in unconfirmed if f.message is not None and f.failure and f.failure.maybe_taken
+        ]
+        never = [
+            f.message
+            for f in unconfirmed
+            if f.message is not None and not (f.failure and f.failure.maybe_taken)
+        ]
+        try:
+            if maybe:
+                mark_batch_failed(maybe, reason, sent=True)
+            if never:
+                mark_batch_failed(never, reason, sent=False)
+        finally:
+            idempotency.release_many([f.record for f in unconfirmed if f.record is not None])
+        for flow in unconfirmed:
+            flow.error = BrokerUnavailableError()
+    if confirmed:
+        # One commit, which need not wait for the disk (see mark_published): a key left
+        # unfinished by a crash is completed by its next claim, since its message is not failed.
+        with transaction.atomic():
+            mark_published([flow.message for flow in confirmed if flow.message is not None])
+            idempotency.complete_many([flow.record for flow in confirmed if flow.record is not None])
+    for flow in confirmed:
+        assert flow.message is not None
+        flow.result = message_record(flow.message, flow.recipient)
+    for flow in flows:
+        if flow.answer is not None:
+            flow.result = flow.answer

@@ -96,3 +96,15 @@ def release(record: IdempotencyKey) -> None:
     """Forget a key whose request was not accepted (nothing reached the broker), so the client
     may retry with it."""
     IdempotencyKey.objects.filter(pk=record.pk, completed_at__isnull=True).delete()
+
+
+def complete_many(records: list[IdempotencyKey]) -> None:
+    """`complete` for keys already attached to their messages (one update)."""
+    if records:
+        IdempotencyKey.objects.filter(pk__in=[r.pk for r in records]).update(completed_at=timezone.now())
+
+
+def release_many(records: list[IdempotencyKey]) -> None:
+    """`release` for many keys (one delete)."""
+    if records:
+        IdempotencyKey.objects.filter(pk__in=[r.pk for r in records], completed_at__isnull=True).delete()
