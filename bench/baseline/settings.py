@@ -21,6 +21,15 @@ DATABASES: dict = {}
 USE_TZ = True
 INSTANCE_ID = os.environ.get("BASELINE_INSTANCE_ID", f"baseline-{os.getpid()}")
 
+# For the DRF view only (`/drf/api/v1/messages/`): no authentication, JSON in and out.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "UNAUTHENTICATED_USER": None,
+}
+
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",

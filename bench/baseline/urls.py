@@ -6,5 +6,6 @@ from bench.baseline import views
 
 urlpatterns = [
     path("api/v1/messages/", views.publish),
+    path("drf/api/v1/messages/", views.DrfPublish.as_view()),
     path("readyz", views.readyz),
 ]
