@@ -14,7 +14,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
+from django.db import connection
 
 from consumers_app.leases import RENEW_SECONDS, LeaseRenewer
 from consumers_app.registry import Socket
@@ -176,7 +178,11 @@ class PresenceTracker:
             task.cancel()
         if drop:
             try:
-                changes = await database_sync_to_async(service.drop_instance)(self.instance_id)
+                # In a thread of its own: at shutdown the main sync thread may be held by a
+                # request waiting on this loop, and a thread-sensitive call would deadlock.
+                changes = await sync_to_async(
+                    _in_own_connection(service.drop_instance), thread_sensitive=False
+                )(self.instance_id)
                 await self.announce(changes)
             except Exception as exc:
                 logger.warning("could not remove this instance's presence: %s", exc)
@@ -193,3 +199,15 @@ class PresenceTracker:
                 metrics.lease_expiries.inc(len(expired))
                 logger.warning("instances %s stopped renewing their leases: their presence removed", expired)
             await self.announce(changes)
+
+
+def _in_own_connection(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, closing the thread's database connection after it (a thread of its own)."""
+
+    def run(*args: Any) -> Any:
+        try:
+            return function(*args)
+        finally:
+            connection.close()
+
+    return run
