@@ -68,43 +68,43 @@ def claim_key(user: User, key: str | None, body: Any) -> idempotency.Claim | Non
         raise NotFound(MESSAGE_DELETED) from None
 
 
-def _users_named(names: set[str]) -> dict[str, Any]:
+def _users_named(names: set[str]) -> dict[str, int]:
+    """The ids of the users with these usernames (one query)."""
     if not names:
         return {}
     model = get_user_model()
     field = model.USERNAME_FIELD
-    return {user.get_username(): user for user in model.objects.filter(**{f"{field}__in": names})}
+    return dict(model.objects.filter(**{f"{field}__in": names}).values_list(field, "pk"))
 
 
 def validated(
-    body: Any, fields: dict[str, Any] | None, users: dict[str, Any]
+    body: Any, fields: dict[str, Any] | None, users: dict[str, int]
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(fields with `user` a User, {}) for a valid publish body, or (None, DRF's field errors).
+    """(fields, {}) for a valid publish body, or (None, DRF's field errors). The fields' `user` is
+    the recipient's username and `user_id` its id (both None without one).
 
-    A plainly valid body (`fields`, from `plainly_valid`) skips DRF, its recipient found in
+    A plainly valid body (`fields`, from `plainly_valid`) skips DRF, its recipient's id found in
     `users`; anything else goes through PublishSerializer, which says what is wrong."""
     if fields is not None:
         name = fields["user"]
         if name is None:
-            return fields, {}
+            return {**fields, "user_id": None}, {}
         recipient = users.get(name)
         if recipient is not None:
-            return {**fields, "user": recipient}, {}
+            return {**fields, "user_id": recipient}, {}
     serializer = PublishSerializer(data=body)
     if serializer.is_valid():
         data = serializer.validated_data
+        user = data.get("user")
         return {
             "topic": data.get("topic"),
-            "user": data.get("user"),
+            "user": user.get_username() if user is not None else None,
+            "user_id": user.pk if user is not None else None,
             "broadcast": bool(data.get("broadcast")),
             "event": data.get("event") or "",
             "payload": data.get("payload"),
         }, {}
     return None, serializer.errors
-
-
-def _username(user: Any) -> str | None:
-    return user.get_username() if user is not None else None
 
 
 class PublishOne:
@@ -147,7 +147,7 @@ class PublishOne:
             if too_large(errors):
                 raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
             raise ValidationError(errors)
-        self.recipient = _username(fields["user"])
+        self.recipient = fields["user"]
         return fields
 
     def claim_or_replay(self) -> None:
@@ -162,7 +162,7 @@ class PublishOne:
     def new_message(self, fields: dict[str, Any]) -> Message:
         return new_message(
             topic=fields["topic"],
-            user=fields["user"],
+            user_id=fields["user_id"],
             broadcast=bool(fields["broadcast"]),
             event=fields["event"] or "",
             payload=fields["payload"],
@@ -291,7 +291,7 @@ class PublishBatch:
         for message_id, fields in zip(ids, targets, strict=True):
             message = new_message(
                 topic=fields["topic"],
-                user=fields["user"],
+                user_id=fields["user_id"],
                 broadcast=bool(fields["broadcast"]),
                 event=fields["event"] or "",
                 payload=fields["payload"],
@@ -300,7 +300,7 @@ class PublishBatch:
             )
             message.id = message_id
             self.messages.append(message)
-            self.recipients.append(_username(fields["user"]))
+            self.recipients.append(fields["user"])
         record = self.record
         try:
             with transaction.atomic():
