@@ -305,24 +305,36 @@ class Together:
         try:
             while self.waiting:
                 group, self.waiting = self.waiting[:GROUP_MAX], self.waiting[GROUP_MAX:]
+                started = time.perf_counter()
                 try:
                     await in_db_thread(accept_together, [flow for flow, _ in group])
                 except Exception as exc:
                     self._settle(group, exc)
                     continue
-                self._spawn(self._publish(group))
+                self._spawn(self._publish(group, started, time.perf_counter()))
         finally:
             self.storing = False
 
-    async def _publish(self, group: list[tuple[PublishOne, asyncio.Future[dict[str, Any]]]]) -> None:
+    async def _publish(
+        self, group: list[tuple[PublishOne, asyncio.Future[dict[str, Any]]]], started: float, stored: float
+    ) -> None:
         flows = [flow for flow, _ in group]
         try:
             await publish_together(flows)
+            confirmed = time.perf_counter()
             await in_db_thread(finish_together, flows)
         except Exception as exc:
             self._settle(group, exc)
             return
         self._settle(group, None)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%d publishes together: stored in %.1f ms, confirmed in %.1f ms, recorded in %.1f ms",
+                len(group),
+                (stored - started) * 1000,
+                (confirmed - stored) * 1000,
+                (time.perf_counter() - confirmed) * 1000,
+            )
 
     @staticmethod
     def _settle(
