@@ -84,14 +84,53 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             "open_seconds": "seconds to open",
         },
     },
+    # Project only (no baseline counterpart): `--only presence` / `--only routing`.
+    "presence": {
+        "script": "presence.py",
+        "project_only": True,
+        "metrics": {
+            "frame_p50_ms": "presence frame p50 ms (10,000 members)",
+            "frame_p99_ms": "presence frame p99 ms",
+            "frame_cpu_ms_per_answer": "web CPU ms/answer",
+            "frame_pg_cpu_ms_per_answer": "PostgreSQL CPU ms/answer",
+            "api_p50_ms": "GET presence p50 ms",
+            "api_p99_ms": "GET presence p99 ms",
+            "join_p50_ms": "join latency p50 ms",
+            "join_p99_ms": "join latency p99 ms",
+            "leave_p50_ms": "leave latency p50 ms",
+            "leave_p99_ms": "leave latency p99 ms",
+            "missing_events": "missing joins/leaves",
+            "duplicate_events": "duplicate joins/leaves",
+        },
+    },
+    "routing": {
+        "script": "routing.py",
+        "project_only": True,
+        "metrics": {
+            **{
+                f"n{n}_{key}": f"{n} instances: {label}"
+                for n in (2, 4, 8)
+                for key, label in (
+                    ("busy_net_cpu_us_per_delivery", "busy CPU us/delivery (net)"),
+                    ("uninvolved_net_cpu_us_per_message", "uninvolved CPU us/message (net)"),
+                    ("uninvolved_received", "uninvolved messages received"),
+                )
+            },
+            "busy_spread_pct": "busy CPU/delivery spread % (2-8)",
+        },
+    },
 }
 # Counts: a ratio means nothing for them.
-COUNTS = {"lost", "duplicates", "out_of_order"}
+COUNTS = {"lost", "duplicates", "out_of_order", "missing_events", "duplicate_events"} | {
+    f"n{n}_uninvolved_received" for n in (2, 4, 8)
+}
 DEFAULT_ONLY = ["fanout-saturated", "fanout-steady", "inbound", "publish-api"]
 
 
 def script_args(name: str, args: argparse.Namespace, target: str) -> list[str]:
-    common_args = ["--target", target, "--runs", str(args.runs)]
+    common_args = ["--runs", str(args.runs)]
+    if not WORKLOADS[name].get("project_only"):
+        common_args = ["--target", target, *common_args]
     if args.phase_timeout:
         common_args += ["--phase-timeout", str(args.phase_timeout)]
     if name == "fanout-saturated":
@@ -103,6 +142,8 @@ def script_args(name: str, args: argparse.Namespace, target: str) -> list[str]:
         extra = ["--sockets", str(args.inbound_sockets), "--frames", str(args.frames)]
     elif name == "publish-api":
         extra = ["--requests", str(args.requests)]
+    elif name in ("presence", "routing"):
+        return common_args  # their own PostgreSQL databases and sizes (10,000 members; 2, 4, 8 instances)
     else:
         extra = ["--idle", str(args.idle)]
     if target == "project":
@@ -213,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only:
         results[name] = {}
         for target in args.targets:
+            if target == "baseline" and WORKLOADS[name].get("project_only"):
+                continue
             results[name][target] = run_script(name, args, target, stamp)
     after = common.machine()
 
