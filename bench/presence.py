@@ -113,10 +113,12 @@ def seed_members(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     names = [f"{spec['prefix']}{i:05d}" for i in range(spec["count"])]
     User.objects.bulk_create([User(username=n, password="!") for n in names], batch_size=2000)
-    ids = list(User.objects.filter(username__startswith=spec["prefix"]).values_list("id", flat=True))
+    named = list(User.objects.filter(username__startswith=spec["prefix"]).values_list("id", "username"))
+    ids = [i for i, _ in named]
     topic, instance = spec["topic"], spec["instance"]
     PresenceTotal.objects.bulk_create(
-        [PresenceTotal(topic=topic, user_id=i, connections=1, version=1) for i in ids], batch_size=2000
+        [PresenceTotal(topic=topic, user_id=i, username=n, connections=1, version=1) for i, n in named],
+        batch_size=2000,
     )
     PresenceMember.objects.bulk_create(
         [PresenceMember(topic=topic, user_id=i, instance=instance, connections=1) for i in ids],

@@ -242,6 +242,9 @@ class PresenceTotal(models.Model):
 
     topic = models.CharField(max_length=200)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    # Copied from the user, so a topic's members are read in name order from one index, with no
+    # join and no sort (a presence answer at 10,000 members).
+    username = models.CharField(max_length=150, default="")
     connections = models.PositiveIntegerField(default=0)
     version = models.BigIntegerField(default=0)
 
@@ -249,6 +252,8 @@ class PresenceTotal(models.Model):
         constraints = [models.UniqueConstraint(fields=["topic", "user"], name="one_presence_total")]
         indexes = [
             models.Index(
-                fields=["topic"], condition=models.Q(connections__gt=0), name="presence_present_by_topic"
+                fields=["topic", "username"],
+                condition=models.Q(connections__gt=0),
+                name="presence_members_by_name",
             )
         ]

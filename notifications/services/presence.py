@@ -82,16 +82,18 @@ def _add_member(instance: str, topic: str, user_id: int, delta: int) -> None:
 def _add_total(topic: str, user_id: int, delta: int) -> tuple[int, int]:
     """The user's count on the topic after `delta`, and the row's new version."""
     table = PresenceTotal._meta.db_table
+    users = get_user_model()._meta.db_table
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {table} (topic, user_id, connections, version) VALUES (%s, %s, %s, 1) "
+            f"INSERT INTO {table} (topic, user_id, username, connections, version) "
+            f"SELECT %s, id, username, %s, 1 FROM {users} WHERE id = %s "
             f"ON CONFLICT (topic, user_id) DO UPDATE SET "
             f"connections = CASE WHEN {table}.connections + %s > 0 THEN {table}.connections + %s ELSE 0 END, "
             f"version = {table}.version + 1 RETURNING connections, version",
-            [topic, user_id, max(delta, 0), delta, delta],
+            [topic, max(delta, 0), user_id, delta, delta],
         )
-        connections, version = cursor.fetchone()
-    return connections, version
+        row = cursor.fetchone()
+    return row if row is not None else (0, 0)  # a user deleted meanwhile counts for nothing
 
 
 def _named(changes: list[tuple[str, Key, int]]) -> list[Change]:
@@ -109,8 +111,8 @@ def members(topic: str) -> list[tuple[str, int]]:
     """(username, sockets) of everyone subscribed to `topic` now, on every instance, by name."""
     return list(
         PresenceTotal.objects.filter(topic=topic, connections__gt=0)
-        .order_by("user__username")
-        .values_list("user__username", "connections")
+        .order_by("username")
+        .values_list("username", "connections")
     )
 
 
