@@ -77,6 +77,35 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             "server_cpu_ms_per_request": "server CPU ms/request",
         },
     },
+    # Single publishes with 10 sockets on the topic (project: the fast path; baseline: its bare
+    # async view), and batches of 100 messages to 100 users' sockets against the baseline's single
+    # publishes: messages/s over its requests/s (publish_api.py --side-by-side runs every variant,
+    # the baseline's DRF view too, in turns).
+    "publish-sockets": {
+        "script": "publish_api.py",
+        "metrics": {
+            "requests_per_s": "requests/s",
+            "latency_p50_ms": "latency p50 ms",
+            "latency_p99_ms": "latency p99 ms",
+            "server_cpu_ms_per_request": "server CPU ms/request",
+            "delivery_p99_ms": "delivery p99 ms",
+            "lost": "lost",
+            "duplicates": "duplicates",
+            "out_of_order": "out of order",
+        },
+    },
+    "publish-batch": {
+        "script": "publish_api.py",
+        "metrics": {
+            "messages_per_s": "messages/s (baseline: single requests/s)",
+            "server_cpu_us_per_message": "server CPU us/message",
+            "delivery_p50_ms": "delivery p50 ms",
+            "delivery_p99_ms": "delivery p99 ms",
+            "lost": "lost",
+            "duplicates": "duplicates",
+            "out_of_order": "out of order",
+        },
+    },
     "idle": {
         "script": "fanout.py",
         "metrics": {
@@ -142,6 +171,10 @@ def script_args(name: str, args: argparse.Namespace, target: str) -> list[str]:
         extra = ["--sockets", str(args.inbound_sockets), "--frames", str(args.frames)]
     elif name == "publish-api":
         extra = ["--requests", str(args.requests)]
+    elif name == "publish-sockets" or (name == "publish-batch" and target == "baseline"):
+        extra = ["--requests", str(args.requests), "--sockets", "10"]
+    elif name == "publish-batch":
+        extra = ["--requests", str(max(1, args.requests // 10)), "--batch", "100", "--sockets", "100"]
     elif name in ("presence", "routing"):
         return common_args  # their own PostgreSQL databases and sizes (10,000 members; 2, 4, 8 instances)
     else:
