@@ -312,7 +312,9 @@ class InstanceBridge:
             raise BrokerUnavailable("not connected to RabbitMQ")
         return exchange
 
-    async def publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+    async def publish_message(
+        self, body: dict[str, Any] | bytes, message_id: str, key: str | list[str]
+    ) -> None:
         if self._outlets is None or not self.ready:
             raise BrokerUnavailable("not connected to RabbitMQ")
         await self._outlets.publish(body, message_id, key)

@@ -21,9 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    async def publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
-        """Publish a message (or a `pack`ed batch of one routing key) for sockets, confirmed:
-        `key` from `broker.routing_key` ("" for every instance)."""
+    async def publish_message(
+        self, body: dict[str, Any] | bytes, message_id: str, key: str | list[str]
+    ) -> None:
+        """Publish a message (or a `pack`ed batch) for sockets, confirmed: `key` from
+        `broker.routing_key` ("" for every instance), or the keys of a pack's recipients."""
 
     async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
         """Queue an inbound frame (or a `pack`ed batch) for the workers, confirmed and mandatory."""
@@ -78,7 +80,9 @@ class ThreadedPublisher:
                 raise BrokerUnavailable("not connected to RabbitMQ") from None
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
 
-    async def publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+    async def publish_message(
+        self, body: dict[str, Any] | bytes, message_id: str, key: str | list[str]
+    ) -> None:
         await self._run(self._publish_message(body, message_id, key))
 
     async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
@@ -88,7 +92,9 @@ class ThreadedPublisher:
         if self._connection is None or not self._connection.connected.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
 
-    async def _publish_message(self, body: dict[str, Any] | bytes, message_id: str, key: str) -> None:
+    async def _publish_message(
+        self, body: dict[str, Any] | bytes, message_id: str, key: str | list[str]
+    ) -> None:
         self._connected_or_raise()
         assert self._outlets is not None
         await self._outlets.publish(body, message_id, key)

@@ -235,29 +235,34 @@ def batch_id_range(first: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
     )
 
 
-def broker_groups(messages: list[Message]) -> list[tuple[list[Message], bytes, str]]:
-    """The messages cut into broker messages, one routing key each (CONTRACT §2: a message goes
-    only to the instances that hold its recipients), in list order within a key, of at most
-    BROKER_BATCH_ITEMS items and about BROKER_BATCH_BYTES bytes (one larger item travels
-    alone), each `pack`ed; with the key."""
-    by_key: dict[str, list[tuple[Message, bytes]]] = {}
+def broker_groups(messages: list[Message]) -> list[tuple[list[Message], bytes, list[str]]]:
+    """The messages cut into broker messages of at most BROKER_BATCH_ITEMS items and about
+    BROKER_BATCH_BYTES bytes (one larger item travels alone), each `pack`ed, in list order; with
+    their routing keys. Broadcasts travel apart (to every instance); the others are routed with
+    every recipient's key (RabbitMQ's `CC`), so an instance takes a pack only if it holds one of
+    its recipients (CONTRACT §2), and a batch to many users is a few broker messages, not one
+    per user."""
+    by_kind: dict[bool, list[tuple[Message, bytes, str]]] = {}
     for message in messages:
         fields = broker_body(message)
-        by_key.setdefault(broker.routing_key(fields), []).append((message, broker.encode(fields)))
-    groups: list[tuple[list[Message], bytes, str]] = []
-    for key, items in by_key.items():
+        key = broker.routing_key(fields)
+        by_kind.setdefault(not key, []).append((message, broker.encode(fields), key))
+    groups: list[tuple[list[Message], bytes, list[str]]] = []
+    for items in by_kind.values():
         members: list[Message] = []
         bodies: list[bytes] = []
+        keys: dict[str, None] = {}
         size = 0
-        for message, body in items:
+        for message, body, key in items:
             if members and (len(members) >= BROKER_BATCH_ITEMS or size + len(body) > BROKER_BATCH_BYTES):
-                groups.append((members, broker.pack_encoded(broker.MESSAGES, bodies), key))
-                members, bodies, size = [], [], 0
+                groups.append((members, broker.pack_encoded(broker.MESSAGES, bodies), list(keys)))
+                members, bodies, keys, size = [], [], {}, 0
             members.append(message)
             bodies.append(body)
+            keys[key] = None
             size += len(body) + 1
         if members:
-            groups.append((members, broker.pack_encoded(broker.MESSAGES, bodies), key))
+            groups.append((members, broker.pack_encoded(broker.MESSAGES, bodies), list(keys)))
     return groups
 
 
