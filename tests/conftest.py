@@ -98,6 +98,16 @@ async def bridge(transactional_db, namespace, settings, publisher):
     await delete_namespace(namespace, [settings.RT_INSTANCE_ID])
 
 
+@pytest.fixture(scope="module")
+def private_rabbit():
+    """A RabbitMQ node of this module's own, so restarting it leaves the shared broker alone."""
+    from tests.support.rabbit import PrivateRabbit
+
+    rabbit = PrivateRabbit().start()
+    yield rabbit
+    rabbit.stop()
+
+
 @pytest.fixture(autouse=True)
 def _handler_registry_reset():
     from consumers_app.handlers import registry

@@ -7,7 +7,6 @@ broker outage that leaves no hole in any stream.
 
 import asyncio
 import json
-import shutil
 from collections import Counter
 
 import httpx
@@ -24,6 +23,8 @@ from notifications.models import IdempotencyKey, Message, Stream
 from notifications.services.idempotency import request_hash
 from tests.conftest import make_user
 from tests.support.clients import open_socket, post_message
+from tests.support.metrics import is_ready
+from tests.support.skips import needs_rabbitmq_server
 from tests.support.waiting import eventually
 
 BATCH = "/api/v1/messages/batch/"
@@ -268,7 +269,7 @@ async def test_1000_messages_to_100_users_in_one_request_arrive_once_and_in_orde
     listeners = await database_sync_to_async(make_listeners)(LISTENERS)
     webs = [cluster.add_web(), cluster.add_web()]
     for web in webs:
-        web.wait_ready()
+        web.waitis_ready()
     async with httpx.AsyncClient(timeout=60) as http:
         sockets = await asyncio.gather(
             *(open_socket(http, webs[i % 2], user) for i, user in enumerate(listeners))
@@ -299,33 +300,11 @@ async def test_1000_messages_to_100_users_in_one_request_arrive_once_and_in_orde
         await asyncio.gather(*(socket.close() for socket in sockets))
 
 
-needs_rabbitmq_server = pytest.mark.skipif(
-    shutil.which("rabbitmq-server") is None, reason="rabbitmq-server is not installed here"
-)
-
-
-@pytest.fixture(scope="module")
-def private_rabbit():
-    """A RabbitMQ node of this module's own, so stopping it leaves the shared broker alone."""
-    from tests.support.rabbit import PrivateRabbit
-
-    rabbit = PrivateRabbit().start()
-    yield rabbit
-    rabbit.stop()
-
-
-async def _ready(http: httpx.AsyncClient, web) -> bool:
-    try:
-        return (await http.get(f"{web.url}/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @needs_rabbitmq_server
 async def test_a_batch_refused_while_the_broker_is_down_leaves_no_hole(cluster, users, private_rabbit):
     cluster.extra_env["AMQP_URL"] = private_rabbit.url
     web = cluster.add_web()
-    web.wait_ready()
+    web.waitis_ready()
     async with httpx.AsyncClient(timeout=60) as http:
         bob = await open_socket(http, web, users["bob"])
         await bob.request({"type": "subscribe", "topic": "news"}, "subscribed")
@@ -340,7 +319,7 @@ async def test_a_batch_refused_while_the_broker_is_down_leaves_no_hole(cluster, 
         await asyncio.to_thread(private_rabbit.stop_app)
 
         async def down() -> bool:
-            return not await _ready(http, web)
+            return not await is_ready(http, web)
 
         await eventually(down, 30, "the instance to notice the outage")
         refused = await http.post(
@@ -351,7 +330,7 @@ async def test_a_batch_refused_while_the_broker_is_down_leaves_no_hole(cluster, 
         assert refused.status_code == 503, refused.text
 
         await asyncio.to_thread(private_rabbit.start_app)
-        await eventually(lambda: _ready(http, web), 60, "the instance to reconnect")
+        await eventually(lambda: is_ready(http, web), 60, "the instance to reconnect")
         after_user = await post_message(http, web, users["alice"], {"user": "bob", "payload": 3})
         after_topic = await post_message(http, web, users["alice"], {"topic": "news", "payload": 3})
         assert after_user.status_code == after_topic.status_code == 202

@@ -3,7 +3,6 @@
 import asyncio
 import base64
 import os
-import shutil
 import signal
 import socket
 import time
@@ -16,37 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from notifications.models import Delivery
 from tests.support.broker import queue_stats
 from tests.support.clients import open_socket, post_message, ticket
+from tests.support.metrics import is_ready, metric
 from tests.support.processes import rss_kib
+from tests.support.skips import needs_rabbitmq_server
 from tests.support.waiting import eventually
-
-needs_rabbitmq_server = pytest.mark.skipif(
-    shutil.which("rabbitmq-server") is None, reason="rabbitmq-server is not installed here"
-)
-
-
-@pytest.fixture(scope="module")
-def private_rabbit():
-    """A RabbitMQ node of this module's own, so restarting it leaves the shared broker alone."""
-    from tests.support.rabbit import PrivateRabbit
-
-    rabbit = PrivateRabbit().start()
-    yield rabbit
-    rabbit.stop()
-
-
-async def is_ready(http, web) -> bool:
-    try:
-        return (await http.get(f"{web.url}/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def metric(text: str, name: str, instance: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("instance") == instance:
-                return sample.value
-    raise KeyError(name)
 
 
 @needs_rabbitmq_server

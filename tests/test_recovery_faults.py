@@ -6,14 +6,14 @@ keeps going; every stream must answer first, then replay in order and once, then
 """
 
 import asyncio
-import shutil
 import signal
 
 import httpx
-import pytest
 
 from tests.support.broker import queue_stats
 from tests.support.clients import post_message
+from tests.support.metrics import is_ready
+from tests.support.skips import needs_rabbitmq_server
 from tests.support.waiting import eventually
 from tests.test_streams import (
     RECOVERY_TIMEOUT,
@@ -29,27 +29,6 @@ from tests.test_streams import (
     seen_position,
     subscribe,
 )
-
-needs_rabbitmq_server = pytest.mark.skipif(
-    shutil.which("rabbitmq-server") is None, reason="rabbitmq-server is not installed here"
-)
-
-
-@pytest.fixture(scope="module")
-def private_rabbit():
-    """A RabbitMQ node of this module's own, so restarting it leaves the shared broker alone."""
-    from tests.support.rabbit import PrivateRabbit
-
-    rabbit = PrivateRabbit().start()
-    yield rabbit
-    rabbit.stop()
-
-
-async def is_ready(http: httpx.AsyncClient, web) -> bool:
-    try:
-        return (await http.get(f"{web.url}/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def after(records: Records, seen: dict) -> Records:
