@@ -1,4 +1,5 @@
-"""The delivery log: messages, their deliveries, inbound frames, and topic restrictions."""
+"""The records: messages and their streams, deliveries, inbound frames, topic restrictions,
+idempotency keys, presence and instance leases (Django's one models module per app)."""
 
 import uuid
 

@@ -10,6 +10,7 @@
 - the latest dead inbound frames with their errors.
 
 Each part is read on its own, so one that fails (database or broker) leaves the others shown.
+(Four parts, each short: together they are the page's one concept.)
 """
 
 import asyncio

@@ -1,4 +1,7 @@
-"""Settings, all read from the environment (CONTRACT §1) with defaults for one machine."""
+"""Settings, all read from the environment (CONTRACT §1) with defaults for one machine.
+
+(Django's settings are one module by design; each knob says why it is there.)
+"""
 
 import datetime
 import os

@@ -20,6 +20,9 @@ exceptions rendered as DRF renders them; DRF's user throttle is counted here in 
 A token's user and permission are remembered per process for CREDENTIAL_TTL seconds, and
 forgotten at once in this process when the token, the user, or a user's or group's
 permissions change (signals); other processes notice within CREDENTIAL_TTL.
+
+(Answering exactly as DRF would, on its own, takes the length: credentials, throttle, grouping
+of concurrent publishes, and the hand-over to Django are its parts.)
 """
 
 import asyncio

@@ -5,6 +5,7 @@ numbered in one transaction. `publish` (async, on the event loop): confirmed by 
 `finish` (sync, one database hop): record the outcome and build the answer. The DRF views run the
 sync steps in their request thread; `fast_publish` runs each in one `database_sync_to_async` hop.
 Errors are DRF's exceptions (APIException), so both paths answer with the same shapes.
+(Single and batch publishes, alone or grouped: four flows of the same three steps.)
 """
 
 import logging

@@ -1,4 +1,4 @@
-"""API shapes (CONTRACT §3)."""
+"""API shapes (CONTRACT §3): every request and answer body of the API, one class each."""
 
 import datetime
 import re

@@ -1,4 +1,8 @@
-"""Publishing messages to sockets: store the record, publish it confirmed, record the outcome."""
+"""Publishing messages to sockets: store the record, publish it confirmed, record the outcome.
+
+(One message or a thousand, from a request thread or the event loop: the variants share their
+record-keeping, which is why they share a module.)
+"""
 
 import asyncio
 import logging
