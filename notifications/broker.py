@@ -22,7 +22,7 @@ from aio_pika.abc import (
 )
 from django.conf import settings
 
-from notifications import jsonutil
+from notifications import amqp_nodes, jsonutil
 from notifications.backoff import Backoff, Stopped
 
 logger = logging.getLogger(__name__)
@@ -154,23 +154,44 @@ def json_message(
 
 
 async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection:
-    """Connect, retrying with capped, jittered backoff until the broker answers (or `stop`)."""
+    """Connect to a node of `AMQP_URL` that answers, retrying with capped, jittered backoff until
+    one does (or `stop`).
+
+    With several nodes (comma-separated), each round tries every node once, beginning at a random
+    one so that the processes of a deployment spread over the cluster; the connection then moves
+    to the next node whenever its own fails (see `amqp_nodes.FailoverConnection`), and restores
+    what was declared on it there.
+    """
+    nodes = amqp_nodes.parse(settings.AMQP_URL)
     backoff = Backoff(CONNECT_BACKOFF_MAX)
+    order = amqp_nodes.rotation(len(nodes), amqp_nodes.random_start(len(nodes)))
     while True:
-        try:
-            return await aio_pika.connect_robust(
-                settings.AMQP_URL,
-                heartbeat=settings.RT_AMQP_HEARTBEAT,
-                client_properties={"connection_name": settings.RT_INSTANCE_ID},
-                timeout=10,
+        for index in order:
+            try:
+                connection = await amqp_nodes.connect(
+                    nodes,
+                    index,
+                    heartbeat=settings.RT_AMQP_HEARTBEAT,
+                    client_properties={"connection_name": settings.RT_INSTANCE_ID},
+                    timeout=10,
+                )
+            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                logger.warning(
+                    "cannot reach RabbitMQ at %s (%s: %s)%s",
+                    amqp_nodes.redact_one(nodes[index]),
+                    type(exc).__name__,
+                    exc,
+                    "; trying the next node" if len(nodes) > 1 else "; retrying",
+                )
+                if stop is not None and stop.is_set():
+                    raise asyncio.CancelledError("stopped while connecting") from None
+                continue
+            logger.info(
+                "connected to RabbitMQ at %s%s",
+                amqp_nodes.redact_one(nodes[index]),
+                f" (node {index + 1} of {len(nodes)})" if len(nodes) > 1 else "",
             )
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            logger.warning(
-                "cannot reach RabbitMQ at %s (%s: %s); retrying",
-                redacted_url(settings.AMQP_URL),
-                type(exc).__name__,
-                exc,
-            )
+            return connection
         try:
             await backoff.wait(stop)
         except Stopped:
@@ -178,13 +199,8 @@ async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection
 
 
 def redacted_url(url: str) -> str:
-    """The AMQP URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """The AMQP URL (one node, or several comma-separated) without its passwords, for logs."""
+    return amqp_nodes.redact(url)
 
 
 async def declare_broadcast(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
@@ -243,13 +259,40 @@ async def declare_outlets(channel: AbstractChannel, topology: Topology) -> Outle
 async def declare_instance_queue(
     channel: AbstractChannel, topology: Topology, instance_id: str
 ) -> AbstractQueue:
-    """The instance's own queue: durable so it outlives a broker restart, expiring after its instance."""
+    """The instance's own queue, expiring after its instance, consumed exclusively.
+
+    On one node it is durable, so it outlives a broker restart. On a cluster (`AMQP_URL` naming
+    several nodes) it is not: a durable classic queue lives on one node, and while that node is
+    down it can be neither consumed nor declared again (404 "home node ... is down"), so the
+    instance could reconnect nowhere until the node came back. A transient one is forgotten with
+    its node and declared afresh wherever the instance reconnects; what it held is read back
+    from the streams after the reconnection (`StreamTracker.resync`). A quorum queue would
+    survive the node, but RabbitMQ 3.10 ignores exclusive consumers on quorum queues, and when
+    one expires while still bound its publishers get nacks or lose their connection (README,
+    "RabbitMQ cluster").
+
+    A queue of that name declared otherwise (by a run with other settings, e.g. before the
+    deployment became a cluster) is deleted and declared again: it holds nothing that the
+    sockets of this new process need (they resume from the streams).
+    """
     exchange = await declare_broadcast(channel, topology)
-    queue = await channel.declare_queue(
-        topology.instance_queue(instance_id),
-        durable=True,
-        arguments={"x-expires": settings.RT_INSTANCE_QUEUE_EXPIRES_MS},
-    )
+    name = topology.instance_queue(instance_id)
+    durable = len(amqp_nodes.split(settings.AMQP_URL)) == 1
+    arguments: dict[str, Any] = {"x-expires": settings.RT_INSTANCE_QUEUE_EXPIRES_MS}
+    # Tried first on a channel of its own: the broker closes a channel that declares a queue
+    # with other arguments, and `channel` must stay usable.
+    connection = (await channel.get_underlay_channel()).connection
+    probe = await connection.channel()
+    try:
+        await probe.queue_declare(name, durable=durable, arguments=arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+        logger.warning("replacing %s, declared otherwise (%s)", name, exc)
+        cleaner = await connection.channel()
+        await cleaner.queue_delete(name)
+        await cleaner.close()
+    else:
+        await probe.close()
+    queue = await channel.declare_queue(name, durable=durable, arguments=arguments)
     await queue.bind(exchange)
     return queue
 
