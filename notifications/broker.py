@@ -358,6 +358,11 @@ async def publish(
         ) from exc
     except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}", maybe_taken=True) from exc
+    except Exception as exc:
+        # aiormq fails a publish whose connection closes under it with a bare Exception: the
+        # outcome is as unknown as a lost confirm's, never a crash of the caller.
+        logger.warning("publish failed unexpectedly (%s: %s)", type(exc).__name__, exc)
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}", maybe_taken=True) from exc
 
 
 async def settle(operation: Awaitable[Any], what: str) -> None:
