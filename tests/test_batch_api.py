@@ -269,7 +269,7 @@ async def test_1000_messages_to_100_users_in_one_request_arrive_once_and_in_orde
     listeners = await database_sync_to_async(make_listeners)(LISTENERS)
     webs = [cluster.add_web(), cluster.add_web()]
     for web in webs:
-        web.waitis_ready()
+        web.wait_ready()
     async with httpx.AsyncClient(timeout=60) as http:
         sockets = await asyncio.gather(
             *(open_socket(http, webs[i % 2], user) for i, user in enumerate(listeners))
@@ -304,7 +304,7 @@ async def test_1000_messages_to_100_users_in_one_request_arrive_once_and_in_orde
 async def test_a_batch_refused_while_the_broker_is_down_leaves_no_hole(cluster, users, private_rabbit):
     cluster.extra_env["AMQP_URL"] = private_rabbit.url
     web = cluster.add_web()
-    web.waitis_ready()
+    web.wait_ready()
     async with httpx.AsyncClient(timeout=60) as http:
         bob = await open_socket(http, web, users["bob"])
         await bob.request({"type": "subscribe", "topic": "news"}, "subscribed")
