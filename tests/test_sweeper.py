@@ -40,9 +40,9 @@ async def test_sweep_publishes_unconfirmed_messages_and_queues_unqueued_frames_o
         channel = await connection.channel(publisher_confirms=True)
         topology = broker.current_topology()
         await broker.declare_topology(channel, topology)
-        broadcast = await broker.declare_broadcast(channel, topology)
+        outlets = await broker.declare_outlets(channel, topology)
         outages = OutageWaiter(topology.inbound_queue, executor, asyncio.Event())
-        sweeper = Sweeper(topology, broadcast, channel.default_exchange, outages)
+        sweeper = Sweeper(topology, outlets, channel.default_exchange, outages)
 
         assert await sweeper.sweep_once() == (1, 1)
         delivered = await bob.receive_json_from(timeout=5)
