@@ -342,20 +342,21 @@
       return;
     }
     const wasConnected = client.connected;
-    const ref = client.sendEvent(eventName, payload);
-    el.sendFeedback.textContent = wasConnected
-      ? "Sent " + eventName + " (" + ref + "), waiting for its receipt."
-      : "Queued " + eventName + " (" + ref + "): it goes out when the socket is back.";
     if (eventName === "chat.message") {
-      el.chatText.value = "";
       const topic = "chat." + payload.room;
       if (!client.topics.has(topic)) {
-        // You want to see your own room: subscribe to it along with the first line you send.
+        // You want to see your own room: subscribe to it before the first line you send (the
+        // server takes a socket's frames in order, so the line cannot overtake the subscribe).
         client.subscribe(topic, { presence: true });
         saveTopics();
         renderTopics();
       }
     }
+    const ref = client.sendEvent(eventName, payload);
+    el.sendFeedback.textContent = wasConnected
+      ? "Sent " + eventName + " (" + ref + "), waiting for its receipt."
+      : "Queued " + eventName + " (" + ref + "): it goes out when the socket is back.";
+    if (eventName === "chat.message") el.chatText.value = "";
   });
 
   client.on("receipt", (frame) => {
