@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from notifications.models import Message, Stream
@@ -211,16 +212,25 @@ def _answer(
     return Recovery(stream, last, current_epoch, recovered=True, messages=missed)
 
 
-def _kept_after(stream: str, since: int, last: int, epoch: str) -> list[dict[str, Any]]:
-    """The messages of `stream` after `since` up to `last` that recovery still keeps, oldest first."""
-    from notifications.services.messages import broker_body
-
-    since = max(since, last - settings.RT_HISTORY_SIZE)
-    rows = Message.objects.filter(
-        stream=stream, seq__gt=since, seq__lte=last, created_at__gte=_ttl_cutoff()
+def _kept(stream: str, since: int, last: int) -> QuerySet[Message]:
+    """The messages of `stream` after `since` up to `last` that recovery and the history still
+    keep (the last RT_HISTORY_SIZE, younger than RT_HISTORY_TTL), oldest first."""
+    floor = max(since, last - settings.RT_HISTORY_SIZE)
+    return Message.objects.filter(
+        stream=stream, seq__gt=floor, seq__lte=last, created_at__gte=_ttl_cutoff()
     ).order_by("seq")
+
+
+def _kept_after(stream: str, since: int, last: int, epoch: str) -> list[dict[str, Any]]:
+    return _bodies(_kept(stream, since, last), epoch)
+
+
+def _bodies(messages: Iterable[Message], epoch: str) -> list[dict[str, Any]]:
+    """Messages read back, as the broker carries them, with their stream's epoch."""
+    from notifications.services.messages import broker_body  # (it numbers through this module)
+
     bodies = []
-    for message in rows:
+    for message in messages:
         message.epoch = epoch
         bodies.append(broker_body(message))
     return bodies
@@ -234,12 +244,7 @@ def history(stream: str, since: int, limit: int) -> tuple[int, str, list[Message
     """The latest seq and epoch of `stream` and its kept messages after `since`, oldest first."""
     with transaction.atomic():
         last, epoch = positions([stream])[stream]
-        floor = max(since, last - settings.RT_HISTORY_SIZE)
-        messages = list(
-            Message.objects.select_related("user")
-            .filter(stream=stream, seq__gt=floor, seq__lte=last, created_at__gte=_ttl_cutoff())
-            .order_by("seq")[:limit]
-        )
+        messages = list(_kept(stream, since, last).select_related("user")[:limit])
     for message in messages:
         message.epoch = epoch
     return last, epoch, messages
@@ -248,14 +253,8 @@ def history(stream: str, since: int, limit: int) -> tuple[int, str, list[Message
 def between(stream: str, after: int, before: int | None) -> tuple[str, int, list[dict[str, Any]]]:
     """To fill a gap: the stream's epoch and last seq, and its messages with after < seq < before
     (`before` None: all after), oldest first, at most RT_HISTORY_SIZE."""
-    from notifications.services.messages import broker_body
-
     last, epoch = positions([stream])[stream]
     rows = Message.objects.filter(stream=stream, seq__gt=after, seq__lte=last)
     if before is not None:
         rows = rows.filter(seq__lt=before)
-    bodies = []
-    for message in rows.order_by("seq")[: settings.RT_HISTORY_SIZE]:
-        message.epoch = epoch
-        bodies.append(broker_body(message))
-    return epoch, last, bodies
+    return epoch, last, _bodies(rows.order_by("seq")[: settings.RT_HISTORY_SIZE], epoch)
