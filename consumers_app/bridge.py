@@ -320,12 +320,8 @@ class InstanceBridge:
         await self._outlets.publish(body, message_id, key)
 
     async def publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
-        await broker.publish(
-            self._exchange(self._default),
-            body,
-            message_id=message_id,
-            routing_key=self.topology.inbound_queue,
-            mandatory=True,
+        await broker.publish_to_queue(
+            self._exchange(self._default), self.topology.inbound_queue, body, message_id=message_id
         )
 
 

@@ -3,7 +3,7 @@
 from aio_pika.abc import AbstractIncomingMessage
 
 from consumers_app.processing import Work, work_from_body
-from consumers_app.settling import REDELIVERIES_HEADER
+from consumers_app.settling import REDELIVERIES_HEADER, header_int
 from notifications import broker
 
 
@@ -17,8 +17,3 @@ def redeliveries(message: AbstractIncomingMessage) -> int:
     """Deliveries of this frame that died with their worker: the broker's count, plus the count
     it carried when it was split out of a larger message."""
     return header_int(message, "x-delivery-count") + header_int(message, REDELIVERIES_HEADER)
-
-
-def header_int(message: AbstractIncomingMessage, name: str) -> int:
-    value = (message.headers or {}).get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -8,7 +8,7 @@ once its frames are safe elsewhere.
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any
 
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
@@ -77,18 +77,12 @@ class Settler:
             "%s: message %s dead-lettered: %s", self.topology.inbound_queue, message.message_id, error
         )
         metrics.inbound_dead.inc()
-        await self.outages.until_broker_recovers(
-            str(message.message_id),
-            lambda: broker.publish(
-                self.exchange,
-                message.body,
-                message_id=str(message.message_id or "unreadable"),
-                routing_key=self.topology.dead_queue,
-                mandatory=True,
-                headers=_dead_headers(
-                    error, int(cast(Any, (message.headers or {}).get("x-delivery-count")) or 0)
-                ),
-            ),
+        attempts = header_int(message, "x-delivery-count")
+        await self._to_queue(
+            self.topology.dead_queue,
+            message.body,
+            str(message.message_id or "unreadable"),
+            _dead_headers(error, attempts),
         )
         await self.ack(message)
 
@@ -98,16 +92,8 @@ class Settler:
             "%s: an item of message %s dead-lettered: %s", self.topology.inbound_queue, message_id, error
         )
         metrics.inbound_dead.inc()
-        await self.outages.until_broker_recovers(
-            message_id,
-            lambda: broker.publish(
-                self.exchange,
-                jsonutil.dumps(item),
-                message_id=f"{message_id}-item",
-                routing_key=self.topology.dead_queue,
-                mandatory=True,
-                headers=_dead_headers(error, 0),
-            ),
+        await self._to_queue(
+            self.topology.dead_queue, jsonutil.dumps(item), f"{message_id}-item", _dead_headers(error, 0)
         )
 
     async def _follow_up(self, item: Work, outcome: Outcome) -> None:
@@ -137,18 +123,26 @@ class Settler:
             await self.dead_letter(item, outcome.error, outcome.attempts)
 
     async def _send_frame(self, item: Work, queue: str, headers: dict[str, Any] | None = None) -> None:
-        """Publish one frame, alone, to `queue` (confirmed; waits out a broker outage)."""
+        """Publish one frame, alone, to `queue`."""
+        await self._to_queue(queue, item.body, item.frame_id, headers)
+
+    async def _to_queue(
+        self, queue: str, body: Any, message_id: str, headers: dict[str, Any] | None = None
+    ) -> None:
+        """Publish to `queue`, confirmed, waiting out a broker outage."""
         await self.outages.until_broker_recovers(
-            item.frame_id,
-            lambda: broker.publish(
-                self.exchange,
-                item.body,
-                message_id=item.frame_id,
-                routing_key=queue,
-                mandatory=True,
-                headers=headers,
+            message_id,
+            lambda: broker.publish_to_queue(
+                self.exchange, queue, body, message_id=message_id, headers=headers
             ),
         )
+
+
+def header_int(message: AbstractIncomingMessage, name: str) -> int:
+    """A count in a message's headers; 0 when absent or not a positive integer (a header is
+    anyone's to write, and a forged one must not fail the settling)."""
+    value = (message.headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _dead_headers(error: str, attempts: int) -> dict[str, Any]:

@@ -85,12 +85,8 @@ class Sweeper:
         for frame in frames:
             await self.outages.until_broker_recovers(
                 str(frame.id),
-                lambda f=frame: broker.publish(  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
-                    self.default_exchange,
-                    queue_body(f),
-                    message_id=str(f.id),
-                    routing_key=self.topology.inbound_queue,
-                    mandatory=True,
+                lambda f=frame: broker.publish_to_queue(  # type: ignore[misc]  # mypy cannot infer a lambda with default arguments
+                    self.default_exchange, self.topology.inbound_queue, queue_body(f), message_id=str(f.id)
                 ),
             )
         if frames:

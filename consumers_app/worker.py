@@ -18,12 +18,12 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
 
-from consumers_app.inbound_messages import header_int, read_frames, redeliveries
+from consumers_app.inbound_messages import read_frames, redeliveries
 from consumers_app.leases import LeaseRenewer, counter_value
 from consumers_app.outages import OutageWaiter
 from consumers_app.processing import Outcome, Verdict, Work, process_batch, work_from_body
 from consumers_app.replies import publish_replies
-from consumers_app.settling import Settler
+from consumers_app.settling import Settler, header_int
 from consumers_app.sweeper import Sweeper
 from notifications import broker, metrics
 from notifications.backoff import Stopped

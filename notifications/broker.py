@@ -365,6 +365,21 @@ async def publish(
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}", maybe_taken=True) from exc
 
 
+async def publish_to_queue(
+    default_exchange: AbstractExchange,
+    queue: str,
+    body: dict[str, Any] | bytes,
+    *,
+    message_id: str,
+    headers: dict[str, Any] | None = None,
+) -> None:
+    """Publish to one queue by name (the default exchange), confirmed and mandatory: a queue
+    that is missing makes BrokerUnavailable, not a silent drop."""
+    await publish(
+        default_exchange, body, message_id=message_id, routing_key=queue, mandatory=True, headers=headers
+    )
+
+
 async def settle(operation: Awaitable[Any], what: str) -> None:
     """Ack or reject, tolerating a channel that died meanwhile (the broker redelivers anyway)."""
     try:

@@ -102,10 +102,6 @@ class ThreadedPublisher:
     async def _publish_inbound(self, body: dict[str, Any] | bytes, message_id: str) -> None:
         self._connected_or_raise()
         assert self._default is not None
-        await broker.publish(
-            self._default,
-            body,
-            message_id=message_id,
-            routing_key=broker.current_topology().inbound_queue,
-            mandatory=True,
+        await broker.publish_to_queue(
+            self._default, broker.current_topology().inbound_queue, body, message_id=message_id
         )
