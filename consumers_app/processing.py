@@ -159,10 +159,7 @@ def _handle(handler: InboundHandler, frame: InboundFrame, context: HandlerContex
 def _locked_frames(batch: list[Work]) -> dict[str, InboundFrame]:
     ids = {work.frame_id for work in batch}
     # Locked in id order, so two workers holding copies of the same frames cannot deadlock.
-    frames = {
-        str(frame.id): frame
-        for frame in InboundFrame.objects.select_for_update().filter(id__in=ids).order_by("id")
-    }
+    frames = {str(frame.id): frame for frame in inbound_service.locked_frames(ids)}
     missing = [work for work in batch if work.frame_id not in frames]
     if missing:
         # Queued by something other than a socket of this deployment: record it now, without a

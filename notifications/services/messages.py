@@ -24,6 +24,17 @@ from notifications.services import pg_copy, streams
 logger = logging.getLogger(__name__)
 
 
+# Message's columns in model order: a model built from positional values (as Django builds the
+# rows it reads) skips the per-field default and keyword handling, half of its cost, which a
+# batch of a thousand or a worker's replies pay per message.
+_MESSAGE_ATTNAMES = [field.attname for field in Message._meta.concrete_fields]
+_MESSAGE_INDEX = {name: index for index, name in enumerate(_MESSAGE_ATTNAMES)}
+_MESSAGE_DEFAULTS = [
+    None if field.primary_key or not field.has_default() else field.get_default()
+    for field in Message._meta.concrete_fields
+]
+
+
 def new_message(
     *,
     topic: str | None = None,
@@ -42,25 +53,28 @@ def new_message(
     Related rows may be given by id (`user_id`, `source_inbound_id`): a worker builds one
     message per reply, and setting ids skips the checks Django makes on related objects.
     """
-    related: dict[str, Any] = {}
-    if user is not None:
-        related["user"] = user
-    elif user_id is not None:
-        related["user_id"] = user_id
-    if publisher is not None:
-        related["publisher"] = publisher
-    if source_inbound is not None:
-        related["source_inbound"] = source_inbound
-    elif source_inbound_id is not None:
-        related["source_inbound_id"] = source_inbound_id
-    return Message(
-        topic=topic or None,
-        broadcast=broadcast,
-        event=event or "",
-        payload=payload,
-        origin_instance=origin_instance,
-        **related,
+    values = _MESSAGE_DEFAULTS.copy()
+    index = _MESSAGE_INDEX
+    values[index["id"]] = uuid.uuid4()
+    values[index["topic"]] = topic or None
+    values[index["broadcast"]] = broadcast
+    values[index["event"]] = event or ""
+    values[index["payload"]] = payload
+    values[index["origin_instance"]] = origin_instance
+    values[index["user_id"]] = user.pk if user is not None else user_id
+    values[index["publisher_id"]] = publisher.pk if publisher is not None else None
+    values[index["source_inbound_id"]] = (
+        source_inbound.pk if source_inbound is not None else source_inbound_id
     )
+    message = Message(*values)
+    # Related objects given as objects stay cached on the message, as the keyword form keeps them.
+    if user is not None:
+        message.user = user
+    if publisher is not None:
+        message.publisher = publisher
+    if source_inbound is not None:
+        message.source_inbound = source_inbound
+    return message
 
 
 def create_message(**fields: Any) -> Message:
@@ -134,6 +148,11 @@ def broker_body(message: Message) -> dict[str, Any]:
     }
 
 
+MARK_PUBLISHED_SQL = (
+    "UPDATE notifications_message SET status = %s, published_at = %s, error = '' WHERE id = ANY(%s)"
+)
+
+
 def mark_published(messages: list[Message]) -> None:
     """Record the broker's confirm of messages (one update per publish time, usually one).
 
@@ -146,9 +165,16 @@ def mark_published(messages: list[Message]) -> None:
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
         for when in {message.published_at for message in messages}:
-            Message.objects.filter(id__in=[m.id for m in messages if m.published_at == when]).update(
-                status=Message.Status.PUBLISHED, published_at=when, error=""
-            )
+            ids = [m.id for m in messages if m.published_at == when]
+            if connection.vendor == "postgresql":
+                # One array parameter: the ORM's `IN (%s, ...)` is a new query text, and a
+                # parameter to quote, per message (a batch's confirm costed more than its COPY).
+                with connection.cursor() as cursor:
+                    cursor.execute(MARK_PUBLISHED_SQL, [Message.Status.PUBLISHED.value, when, ids])
+            else:
+                Message.objects.filter(id__in=ids).update(
+                    status=Message.Status.PUBLISHED, published_at=when, error=""
+                )
     for message in messages:
         message.status = Message.Status.PUBLISHED
 

@@ -83,19 +83,34 @@ def number(messages: list[Message]) -> None:
             message.epoch = epoch  # not a column: the stream's row holds it
 
 
+# One text for any number of streams (psycopg caches a query's parsing by its text; a VALUES
+# list of N rows is a new text, and 3N parameters to quote, for every N).
+ADVANCE_SQL = (
+    "INSERT INTO notifications_stream (name, epoch, last_seq) "
+    "SELECT name, epoch, added FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(name, epoch, added) "
+    "ORDER BY name "
+    "ON CONFLICT (name) DO UPDATE SET last_seq = notifications_stream.last_seq + excluded.last_seq "
+    "RETURNING name, last_seq, epoch"
+)
+
+
 def _advance(counts: list[tuple[str, int]]) -> dict[str, tuple[int, str]]:
     """Add `count` to each named stream's last seq (creating it at 0); its new last seq and epoch."""
-    rows = ", ".join(["(%s, %s, %s)"] * len(counts))
-    params: list[Any] = []
-    for name, count in counts:
-        params += [name, new_epoch(), count]
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO notifications_stream (name, epoch, last_seq) VALUES {rows} "
-            "ON CONFLICT (name) DO UPDATE SET last_seq = notifications_stream.last_seq + excluded.last_seq "
-            "RETURNING name, last_seq, epoch",
-            params,
-        )
+        if connection.vendor == "postgresql":
+            names = [name for name, _ in counts]
+            cursor.execute(ADVANCE_SQL, [names, [new_epoch() for _ in counts], [n for _, n in counts]])
+        else:
+            rows = ", ".join(["(%s, %s, %s)"] * len(counts))
+            params: list[Any] = []
+            for name, count in counts:
+                params += [name, new_epoch(), count]
+            cursor.execute(
+                f"INSERT INTO notifications_stream (name, epoch, last_seq) VALUES {rows} "
+                "ON CONFLICT (name) DO UPDATE SET last_seq = notifications_stream.last_seq + excluded.last_seq "
+                "RETURNING name, last_seq, epoch",
+                params,
+            )
         return {name: (last_seq, epoch) for name, last_seq, epoch in cursor.fetchall()}
 
 
