@@ -66,14 +66,11 @@ def new_message(
     values[index["source_inbound_id"]] = (
         source_inbound.pk if source_inbound is not None else source_inbound_id
     )
-    message = Message(*values)
+    message = Message(*values)  # type: ignore[misc]  # django-stubs types only keyword construction
     # Related objects given as objects stay cached on the message, as the keyword form keeps them.
-    if user is not None:
-        message.user = user
-    if publisher is not None:
-        message.publisher = publisher
-    if source_inbound is not None:
-        message.source_inbound = source_inbound
+    for name, related in (("user", user), ("publisher", publisher), ("source_inbound", source_inbound)):
+        if related is not None:
+            setattr(message, name, related)
     return message
 
 
