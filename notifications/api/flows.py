@@ -81,9 +81,10 @@ def _users_named(names: set[str]) -> dict[str, int]:
     # new query text with a parameter to quote per name.
     quote = connection.ops.quote_name
     opts = model._meta
+    name_column = quote(str(model._meta.get_field(field).get_attname_column()[1]))  # type: ignore[union-attr]
     sql = (
-        f"SELECT {quote(opts.get_field(field).column)}, {quote(opts.pk.column)} "
-        f"FROM {quote(opts.db_table)} WHERE {quote(opts.get_field(field).column)} = ANY(%s)"
+        f"SELECT {name_column}, {quote(opts.pk.column)} "
+        f"FROM {quote(opts.db_table)} WHERE {name_column} = ANY(%s)"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [list(names)])
@@ -358,9 +359,10 @@ class PublishBatch:
         finally:
             if record is not None:
                 idempotency.complete(record, messages[0])
+        times: dict[Any, str | None] = {}
         return {
             "messages": [
-                message_record(message, recipient)
+                message_record(message, recipient, times)
                 for message, recipient in zip(messages, self.recipients, strict=True)
             ]
         }

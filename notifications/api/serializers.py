@@ -142,9 +142,20 @@ def iso_datetime(value: datetime.datetime | None) -> str | None:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
-def message_record(message: Message, username: str | None) -> dict[str, Any]:
+def message_record(
+    message: Message, username: str | None, times: dict[Any, str | None] | None = None
+) -> dict[str, Any]:
     """What MessageSerializer gives for a message just stored (no deliveries yet), built directly:
-    the publish paths answer with it, many at a time for a batch. `username` is its recipient's."""
+    the publish paths answer with it, many at a time for a batch. `username` is its recipient's;
+    `times` caches formatted datetimes across the records of one answer (a batch's messages
+    share their creation and publication times)."""
+    if times is None:
+        times = {}
+    created, published = message.created_at, message.published_at
+    if created not in times:
+        times[created] = iso_datetime(created)
+    if published not in times:
+        times[published] = iso_datetime(published)
     return {
         "id": str(message.id),
         "topic": message.topic,
@@ -153,8 +164,8 @@ def message_record(message: Message, username: str | None) -> dict[str, Any]:
         "event": message.event,
         "payload": message.payload,
         "status": str(message.status),
-        "created_at": iso_datetime(message.created_at),
-        "published_at": iso_datetime(message.published_at),
+        "created_at": times[created],
+        "published_at": times[published],
         "stream": wire_name(message.stream) if message.stream else None,
         "seq": message.seq,
         "deliveries": [],
