@@ -28,7 +28,7 @@ from notifications.api.serializers import (
 )
 from notifications.broker import BrokerUnavailable
 from notifications.models import IdempotencyKey, Message
-from notifications.services import idempotency, streams
+from notifications.services import idempotency, pg_arrays, streams
 from notifications.services.messages import (
     batch_id_range,
     batch_ids,
@@ -84,10 +84,10 @@ def _users_named(names: set[str]) -> dict[str, int]:
     name_column = quote(str(model._meta.get_field(field).get_attname_column()[1]))  # type: ignore[union-attr]
     sql = (
         f"SELECT {name_column}, {quote(opts.pk.column)} "
-        f"FROM {quote(opts.db_table)} WHERE {name_column} = ANY(%s)"
+        f"FROM {quote(opts.db_table)} WHERE {name_column} = ANY(%s::text[])"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [list(names)])
+        cursor.execute(sql, [pg_arrays.literal(names)])
         return dict(cursor.fetchall())
 
 

@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from notifications.models import InboundFrame, clip_error
-from notifications.services import pg_copy
+from notifications.services import pg_arrays, pg_copy
 
 COPY_COLUMNS = (
     "id",
@@ -139,10 +139,10 @@ ATTEMPT_FIELDS = ("status", "attempts", "processed_by", "processed_at", "error")
 
 # One query text for any number of frames: psycopg parses and quotes an `IN (%s, ...)` of N
 # frames anew for every N, which cost a worker more than the database's own work.
-LOCK_SQL = "SELECT * FROM notifications_inboundframe WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+LOCK_SQL = "SELECT * FROM notifications_inboundframe WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE"
 SAVE_ATTEMPTS_SQL = (
     "UPDATE notifications_inboundframe SET status = %s, attempts = %s, processed_by = %s, "
-    "processed_at = %s, error = %s WHERE id = ANY(%s)"
+    "processed_at = %s, error = %s WHERE id = ANY(%s::uuid[])"
 )
 
 
@@ -150,7 +150,7 @@ def locked_frames(ids: Iterable[str]) -> Iterable[InboundFrame]:
     """The records of these frames, locked until the transaction ends, in id order (so two
     workers holding copies of the same frames cannot deadlock)."""
     if connection.vendor == "postgresql":
-        return InboundFrame.objects.raw(LOCK_SQL, [[uuid.UUID(frame_id) for frame_id in ids]])
+        return InboundFrame.objects.raw(LOCK_SQL, [pg_arrays.literal(ids)])
     return InboundFrame.objects.select_for_update().filter(id__in=ids).order_by("id")
 
 
@@ -163,7 +163,7 @@ def save_attempts(frames: list[InboundFrame]) -> None:
     for values, ids in groups.items():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                cursor.execute(SAVE_ATTEMPTS_SQL, [*values, ids])
+                cursor.execute(SAVE_ATTEMPTS_SQL, [*values, pg_arrays.literal(ids)])
         else:
             InboundFrame.objects.filter(id__in=ids).update(**dict(zip(ATTEMPT_FIELDS, values, strict=True)))
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 from notifications import broker, metrics, publishing
 from notifications.broker import BrokerUnavailable, routing_key
 from notifications.models import InboundFrame, Message, clip_error
-from notifications.services import pg_copy, streams
+from notifications.services import pg_arrays, pg_copy, streams
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def broker_body(message: Message) -> dict[str, Any]:
 
 
 MARK_PUBLISHED_SQL = (
-    "UPDATE notifications_message SET status = %s, published_at = %s, error = '' WHERE id = ANY(%s)"
+    "UPDATE notifications_message SET status = %s, published_at = %s, error = '' WHERE id = ANY(%s::uuid[])"
 )
 
 
@@ -167,7 +167,9 @@ def mark_published(messages: list[Message]) -> None:
                 # One array parameter: the ORM's `IN (%s, ...)` is a new query text, and a
                 # parameter to quote, per message (a batch's confirm costed more than its COPY).
                 with connection.cursor() as cursor:
-                    cursor.execute(MARK_PUBLISHED_SQL, [Message.Status.PUBLISHED.value, when, ids])
+                    cursor.execute(
+                        MARK_PUBLISHED_SQL, [Message.Status.PUBLISHED.value, when, pg_arrays.literal(ids)]
+                    )
             else:
                 Message.objects.filter(id__in=ids).update(
                     status=Message.Status.PUBLISHED, published_at=when, error=""

@@ -21,6 +21,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from notifications.models import Message, Stream
+from notifications.services import pg_arrays
 
 BROADCAST = "broadcast"
 USER_PREFIX = "user:"
@@ -99,7 +100,14 @@ def _advance(counts: list[tuple[str, int]]) -> dict[str, tuple[int, str]]:
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             names = [name for name, _ in counts]
-            cursor.execute(ADVANCE_SQL, [names, [new_epoch() for _ in counts], [n for _, n in counts]])
+            cursor.execute(
+                ADVANCE_SQL,
+                [
+                    pg_arrays.literal(names),
+                    pg_arrays.literal(new_epoch() for _ in counts),
+                    pg_arrays.literal(n for _, n in counts),
+                ],
+            )
         else:
             rows = ", ".join(["(%s, %s, %s)"] * len(counts))
             params: list[Any] = []
