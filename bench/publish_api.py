@@ -71,6 +71,8 @@ PATHS = {
     ("baseline", "drf"): "/drf/api/v1/messages/",
 }
 BATCH_PATH = "/api/v1/messages/batch/"
+# consumers_app.consumer.RESUME_WINDOW_SECONDS, and a little more.
+RESUME_HOLD_SECONDS = 2.2
 
 
 @dataclass
@@ -115,6 +117,22 @@ class Variant:
             body = item(self.next_seq, {"topic": self.topic})
         self.next_seq += len(seqs)
         return seqs, body
+
+
+async def warm(variant: Variant) -> None:
+    """One request of the variant's kind, not counted (its payload has no seq): the first batch
+    creates its recipients' streams and the sockets' positions, a cost of the first second only,
+    which otherwise was most of a short run's delivery p99."""
+    headers = {"Authorization": f"Token {variant.token}"} if variant.token else {}
+    warmup = {"event": "warmup", "payload": {"warmup": True}}
+    if variant.batch:
+        body: dict[str, Any] = {"messages": [{"user": name} | warmup for name in variant.recipients]}
+    else:
+        body = {"topic": variant.topic} | warmup
+    async with httpx.AsyncClient(base_url=variant.deployment.webs[0].url, timeout=60) as http:
+        response = await http.post(variant.path, json=body, headers=headers)
+    if response.status_code != 202:
+        raise RuntimeError(f"{variant.name} warm-up: {response.status_code} {response.text[:300]}")
 
 
 async def drive(variant: Variant, requests: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -262,7 +280,13 @@ def open_sockets(
     topic = None if variant.batch else variant.topic
     variant.pool = start_listeners(shim, sockets, variant.deployment.webs, {"listeners": listeners}, topic)
     _, seconds, variant.opened, _ = await_listeners(variant.pool, shim, notes)
+    opened_at = time.monotonic()
     log(f"{variant.name}: {variant.opened} sockets open in {seconds:.1f}s")
+    asyncio.run(warm(variant))
+    # A new socket's own streams are held until it sends a frame or RESUME_WINDOW_SECONDS pass
+    # (consumers_app/consumer.py), so that a `resume` is answered before live messages; these
+    # sockets send nothing, and what reached them meanwhile would count as held, not as slow.
+    time.sleep(max(0.0, RESUME_HOLD_SECONDS - (time.monotonic() - opened_at)))
 
 
 def start(
@@ -298,6 +322,8 @@ def run_publish(args: argparse.Namespace, db_url: str | None, users: dict[str, A
         )
         if args.sockets:
             open_sockets(variant, args.sockets, listeners, args, notes)
+        else:
+            asyncio.run(warm(variant))
         run_slice(variant, args.requests, args)
         return {"metrics": figures(variant, args, notes), "notes": notes}
     finally:
