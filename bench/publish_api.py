@@ -73,6 +73,10 @@ PATHS = {
 BATCH_PATH = "/api/v1/messages/batch/"
 # consumers_app.consumer.RESUME_WINDOW_SECONDS, and a little more.
 RESUME_HOLD_SECONDS = 2.2
+# Side by side, a turn starts once every deployment's web processes use less than this share of a
+# core (measured over QUIET_INTERVAL_SECONDS).
+QUIET_CORE_SHARE = 0.1
+QUIET_INTERVAL_SECONDS = 0.5
 
 
 @dataclass
@@ -165,6 +169,23 @@ async def drive(variant: Variant, requests: int, args: argparse.Namespace) -> li
                 f"publishing stopped by the {args.phase_timeout:.0f}s phase limit after {len(records)} requests"
             )
     return records
+
+
+def wait_quiet(deployments: list[Deployment], timeout: float = 20.0) -> float:
+    """Wait until the deployments' web processes are idle (under QUIET_CORE_SHARE of a core over
+    half a second), at most `timeout` seconds; the seconds waited.
+
+    Side by side, a variant that delivers late (the baseline's sockets get their messages seconds
+    after the 202) keeps its processes busy into the next variant's turn, which then pays for it.
+    """
+    started = time.monotonic()
+    procs = [web for deployment in deployments for web in deployment.webs]
+    while time.monotonic() - started < timeout:
+        before = common.cpu_of(procs)
+        time.sleep(QUIET_INTERVAL_SECONDS)
+        if common.cpu_of(procs) - before < QUIET_CORE_SHARE * QUIET_INTERVAL_SECONDS:
+            break
+    return time.monotonic() - started
 
 
 def run_slice(variant: Variant, requests: int, args: argparse.Namespace) -> None:
@@ -383,7 +404,10 @@ def run_side_by_side(
         for round_ in range(args.rounds):
             for variant in variants:
                 requests = max(1, args.requests // 10) if variant.batch else args.requests
-                log(f"round {round_ + 1}/{args.rounds}: {variant.name}, {requests} requests")
+                waited = wait_quiet(started)
+                log(
+                    f"round {round_ + 1}/{args.rounds}: {variant.name}, {requests} requests (quiet after {waited:.1f}s)"
+                )
                 run_slice(variant, requests, args)
         return {"variants": {v.name: figures(v, args, notes) for v in variants}, "notes": notes}
     finally:
