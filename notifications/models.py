@@ -25,7 +25,9 @@ class Message(models.Model):
         FAILED = "failed", "failed (never reached the broker)"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    topic = models.CharField(max_length=200, blank=True, null=True, db_index=True)
+    # Not indexed: messages are read by stream (`one_message_per_stream_seq`), and every index is
+    # paid on each insert and on the `published` update.
+    topic = models.CharField(max_length=200, blank=True, null=True)
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -37,7 +39,8 @@ class Message(models.Model):
     broadcast = models.BooleanField(default=False)
     event = models.CharField(max_length=100, blank=True, default="")
     payload = models.JSONField(null=True, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACCEPTED, db_index=True)
+    # Indexed with created_at (Meta), which serves status lookups too.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACCEPTED)
     publisher = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -104,9 +107,10 @@ class Stream(models.Model):
 class Delivery(models.Model):
     """One message handed to one socket on one web instance."""
 
-    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries")
+    # Both found through `one_delivery_per_socket` (message, connection): no index of their own.
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries", db_index=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
-    connection = models.CharField(max_length=64, db_index=True)
+    connection = models.CharField(max_length=64)
     instance = models.CharField(max_length=200, db_index=True)
     delivered_at = models.DateTimeField(db_index=True)
     acked_at = models.DateTimeField(null=True, blank=True)
