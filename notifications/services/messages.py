@@ -30,8 +30,14 @@ logger = logging.getLogger(__name__)
 _MESSAGE_ATTNAMES = [field.attname for field in Message._meta.concrete_fields]
 _MESSAGE_INDEX = {name: index for index, name in enumerate(_MESSAGE_ATTNAMES)}
 _MESSAGE_DEFAULTS = [
-    None if field.primary_key or not field.has_default() else field.get_default()
+    None if field.primary_key or not field.has_default() or callable(field.default) else field.get_default()
     for field in Message._meta.concrete_fields
+]
+# Defaults made fresh per message (a callable such as `dict` must not give every message one object).
+_MESSAGE_CALLED_DEFAULTS = [
+    (index, field)
+    for index, field in enumerate(Message._meta.concrete_fields)
+    if not field.primary_key and field.has_default() and callable(field.default)
 ]
 
 
@@ -54,6 +60,8 @@ def new_message(
     message per reply, and setting ids skips the checks Django makes on related objects.
     """
     values = _MESSAGE_DEFAULTS.copy()
+    for position, default_field in _MESSAGE_CALLED_DEFAULTS:
+        values[position] = default_field.get_default()
     index = _MESSAGE_INDEX
     values[index["id"]] = uuid.uuid4()
     values[index["topic"]] = topic or None
