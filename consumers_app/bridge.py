@@ -24,6 +24,7 @@ from django.conf import settings
 
 from consumers_app.account_watch import watch_accounts
 from consumers_app.bindings import Bindings
+from consumers_app.consumer_cancel import ConsumerCancelWatch
 from consumers_app.inbound_submitter import InboundSubmitter
 from consumers_app.presence import PresenceTracker
 from consumers_app.registry import Socket, SocketRegistry
@@ -60,6 +61,7 @@ class InstanceBridge:
         self._outlets: broker.Outlets | None = None
         self._route: AbstractExchange | None = None
         self._queue: AbstractQueue | None = None
+        self._cancels: ConsumerCancelWatch | None = None
         self.bindings = Bindings()
         self._default: AbstractExchange | None = None
         self._start_task: asyncio.Task | None = None
@@ -109,7 +111,9 @@ class InstanceBridge:
         self._route = await broker.declare_route(consume, self.topology)
         self._queue = queue
         self.bindings.attach(queue, self._route)
-        await queue.consume(self._on_message, exclusive=True)
+        tag = await queue.consume(self._on_message, exclusive=True)
+        self._cancels = ConsumerCancelWatch(consume, self._after_consumer_restored, self._stop)
+        await self._cancels.watch(tag)
 
         publish = await self.connection.channel(publisher_confirms=True)
         self._outlets = await broker.declare_outlets(publish, self.topology)
@@ -137,6 +141,13 @@ class InstanceBridge:
             self.bindings.attach(self._queue, self._route)  # what was asked while it was away
         # What was lost with a node (or never routed while away) is read back from the streams.
         asyncio.get_running_loop().create_task(self.streams.resync(), name="streams-resync")
+
+    async def _after_consumer_restored(self) -> None:
+        """The broker had cancelled this instance's consumer: aio-pika declared, bound and consumed
+        the queue again; what was routed while it was missing is read back from the streams."""
+        if self._queue is not None and self._route is not None:
+            self.bindings.attach(self._queue, self._route)
+        await self.streams.resync()
 
     async def stop(self) -> None:
         self._stop.set()
