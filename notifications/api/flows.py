@@ -194,12 +194,12 @@ class PublishOne:
         try:
             with transaction.atomic():
                 message = self.new_message(fields)
-                streams.number([message])
-                message.save(force_insert=True)
-                self.message = message
                 if record is not None:
                     # Committed with the message: from here on a retry can only find this one.
                     idempotency.attach(record, message)
+                streams.number([message])  # last: the stream stays locked until the commit
+                message.save(force_insert=True)
+                self.message = message
         except BaseException:
             self.message = None
             if record is not None:
@@ -318,9 +318,9 @@ class PublishBatch:
         record = self.record
         try:
             with transaction.atomic():
-                store_messages(self.messages)  # numbered in list order: a stream keeps request order
-                if record is not None:
+                if record is not None:  # first: the streams stay locked from their numbering on
                     idempotency.attach(record, self.messages[0])
+                store_messages(self.messages)  # numbered in list order: a stream keeps request order
         except BaseException:
             if record is not None:
                 idempotency.release(record)
@@ -428,12 +428,12 @@ def accept_together(flows: list[PublishOne]) -> None:
         fresh = [(flow, fields) for flow, fields in checked if flow.error is None and flow.answer is None]
         for flow, fields in fresh:
             flow.message = flow.new_message(fields)
-        if fresh:
-            store_messages([flow.message for flow, _ in fresh if flow.message is not None])
         for flow, _ in fresh:
             record = flow.record
             if record is not None and flow.message is not None:
                 idempotency.attach(record, flow.message)
+        if fresh:  # last: the streams stay locked from their numbering to the commit
+            store_messages([flow.message for flow, _ in fresh if flow.message is not None])
 
 
 async def publish_together(flows: list[PublishOne]) -> None:

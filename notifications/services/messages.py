@@ -110,28 +110,33 @@ MESSAGE_COLUMNS = (
 
 
 def store_messages(messages: list[Message]) -> None:
-    """Number and store many new messages at once (a worker's replies): one COPY on PostgreSQL.
-    Call inside a transaction."""
-    streams.number(messages)
+    """Number and store many new messages at once: one COPY on PostgreSQL. Call inside a
+    transaction, last: numbering locks the streams' rows until the commit, and every publisher to
+    those streams waits meanwhile, so the rows are formatted before (all but their seqs) and
+    nothing but the COPY runs between the numbering and the caller's commit."""
     if connection.vendor != "postgresql":
+        streams.number(messages)
         Message.objects.bulk_create(messages)
         return
     now = timezone.now()
+    created = now.isoformat()
     text, json_text, null = pg_copy.text, pg_copy.json_text, pg_copy.NULL
 
     def nullable(value: Any) -> str:
         return null if value is None else text(str(value))
 
-    lines = []
+    heads = []
     for message in messages:
         message.created_at = now
-        lines.append(
+        heads.append(
             f"{message.id}\t{nullable(message.topic)}\t{nullable(message.user_id)}\t"
             f"{'t' if message.broadcast else 'f'}\t{text(message.event)}\t{json_text(message.payload)}\t"
             f"{message.status}\t{nullable(message.publisher_id)}\t{text(message.origin_instance)}\t"
-            f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{now.isoformat()}\t"
-            f"{text(message.stream)}\t{message.seq}"
+            f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{created}\t"
+            f"{text(streams.stream_of(message))}\t"
         )
+    streams.number(messages)  # the streams stay locked from here to the commit
+    lines = [f"{head}{message.seq}" for head, message in zip(heads, messages, strict=True)]
     pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
 
 
