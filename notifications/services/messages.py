@@ -178,7 +178,7 @@ def mark_published(messages: list[Message]) -> None:
             ids = [m.id for m in messages if m.published_at == when]
             if connection.vendor == "postgresql":
                 # One array parameter: the ORM's `IN (%s, ...)` is a new query text, and a
-                # parameter to quote, per message (a batch's confirm costed more than its COPY).
+                # parameter to quote, per message (a batch's confirm cost more than its COPY).
                 with connection.cursor() as cursor:
                     cursor.execute(
                         MARK_PUBLISHED_SQL, [Message.Status.PUBLISHED.value, when, pg_arrays.literal(ids)]
