@@ -291,11 +291,16 @@ async def test_a_killed_node_loses_no_accepted_message_and_no_receipt(cluster, u
         assert accepted
         unanswered = {post.n for post in load.posts if post.status != 202}
         for listener in (bob, carol):
-            await listener.wait_for(
-                lambda s: accepted.keys() <= {m["id"] for m in s.messages if m.get("topic") == TOPIC},
-                timeout=SETTLE,
-                what="every accepted message",
-            )
+            try:
+                await listener.wait_for(
+                    lambda s: accepted.keys() <= {m["id"] for m in s.messages if m.get("topic") == TOPIC},
+                    timeout=SETTLE,
+                    what="every accepted message",
+                )
+            except TimeoutError:
+                raise AssertionError(
+                    _what_is_missing(listener, load, accepted, rabbit_cluster, (web_1, web_2))
+                ) from None
         # A few more seconds for a duplicate to show, bounded by a last message after them all.
         marker = await post_message(http, web_2, users["alice"], {"topic": TOPIC, "event": "end"})
         assert marker.status_code == 202, marker.text
@@ -479,3 +484,25 @@ def test_the_cluster_compose_file_refuses_to_start_without_a_cookie(cluster_comp
     override = yaml.safe_load((ROOT / "docker-compose.cluster.yml").read_text())
     with pytest.raises(ValueError, match="RABBITMQ_ERLANG_COOKIE"):
         interpolate(override, read_env_file(ROOT / ".env.example"))
+
+
+def _what_is_missing(listener, load, accepted, rabbit_cluster, webs) -> str:
+    """For a failure: which accepted messages a socket lacks (seqs and statuses), the last seq it
+    got, and where the instances' queues and connections are now."""
+    got = {m["id"]: m.get("seq") for m in listener.messages if m.get("topic") == TOPIC}
+    records = {post.record["id"]: post.record for post in load.accepted() if post.record is not None}
+    missing = [(records[i]["seq"], records[i]["status"]) for i in accepted if i not in got]
+    seqs = [seq for seq in got.values() if isinstance(seq, int)]
+    queues = {
+        name: row
+        for name, row in rabbit_cluster.queues("messages", "consumers", "pid").items()
+        if ".instance." in name
+    }
+    connections = {
+        web.name: [node.name for node in rabbit_cluster.connection_nodes(web.name)] for web in webs
+    }
+    return (
+        f"{listener.welcome.get('instance')}: {len(missing)} accepted messages missing, first "
+        f"{sorted(missing)[:5]}; last seq got {max(seqs, default=None)}; instance queues {queues}; "
+        f"connections {connections}"
+    )
