@@ -9,6 +9,7 @@ Errors are DRF's exceptions (APIException), so both paths answer with the same s
 """
 
 import logging
+import uuid
 from typing import Any
 
 from django.conf import settings
@@ -89,6 +90,20 @@ def _users_named(names: set[str]) -> dict[str, int]:
     with connection.cursor() as cursor:
         cursor.execute(sql, [pg_arrays.literal(names)])
         return dict(cursor.fetchall())
+
+
+def message_from(fields: dict[str, Any], publisher: User, message_id: uuid.UUID | None = None) -> Message:
+    """The message a publish's validated fields (see `validated`) ask for, not yet stored."""
+    return new_message(
+        message_id=message_id,
+        topic=fields["topic"],
+        user_id=fields["user_id"],
+        broadcast=bool(fields["broadcast"]),
+        event=fields["event"] or "",
+        payload=fields["payload"],
+        publisher=publisher,
+        origin_instance=settings.RT_INSTANCE_ID,
+    )
 
 
 def validated(
@@ -174,15 +189,7 @@ class PublishOne:
             self.answer = dict(MessageSerializer(replay).data)
 
     def new_message(self, fields: dict[str, Any]) -> Message:
-        return new_message(
-            topic=fields["topic"],
-            user_id=fields["user_id"],
-            broadcast=bool(fields["broadcast"]),
-            event=fields["event"] or "",
-            payload=fields["payload"],
-            publisher=self.user,
-            origin_instance=settings.RT_INSTANCE_ID,
-        )
+        return message_from(fields, self.user)
 
     def accept(self) -> None:
         """Validate, claim the key, store the message numbered in its stream (sync)."""
@@ -300,20 +307,9 @@ class PublishBatch:
         if self.claim is not None and self.claim.replay is not None:
             self.answer = {"messages": batch_records(self.user, self.claim.replay)}
             return
-        origin = settings.RT_INSTANCE_ID
         ids = batch_ids(len(targets))
         for message_id, fields in zip(ids, targets, strict=True):
-            message = new_message(
-                topic=fields["topic"],
-                user_id=fields["user_id"],
-                broadcast=bool(fields["broadcast"]),
-                event=fields["event"] or "",
-                payload=fields["payload"],
-                publisher=self.user,
-                origin_instance=origin,
-            )
-            message.id = message_id
-            self.messages.append(message)
+            self.messages.append(message_from(fields, self.user, message_id))
             self.recipients.append(fields["user"])
         record = self.record
         try:

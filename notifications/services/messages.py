@@ -43,6 +43,7 @@ _MESSAGE_CALLED_DEFAULTS = [
 
 def new_message(
     *,
+    message_id: uuid.UUID | None = None,
     topic: str | None = None,
     user: AbstractBaseUser | None = None,
     user_id: int | None = None,
@@ -56,6 +57,7 @@ def new_message(
 ) -> Message:
     """A message record, `accepted`, not yet saved.
 
+    `message_id` is for ids chosen beforehand (a batch's, see `batch_ids`).
     Related rows may be given by id (`user_id`, `source_inbound_id`): a worker builds one
     message per reply, and setting ids skips the checks Django makes on related objects.
     """
@@ -63,7 +65,7 @@ def new_message(
     for position, default_field in _MESSAGE_CALLED_DEFAULTS:
         values[position] = default_field.get_default()
     index = _MESSAGE_INDEX
-    values[index["id"]] = uuid.uuid4()
+    values[index["id"]] = message_id or uuid.uuid4()
     values[index["topic"]] = topic or None
     values[index["broadcast"]] = broadcast
     values[index["event"]] = event or ""
