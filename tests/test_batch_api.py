@@ -200,6 +200,63 @@ async def test_an_idempotency_key_in_flight_is_409(users, post):
     assert await count() == 0
 
 
+async def test_concurrent_batches_are_stored_together_and_each_gets_its_own_answer(users, bridge, monkeypatch):
+    """Batches that arrive while others are being stored go in one transaction (the fast path);
+    each keeps its own answer, its own request order within every stream, and its own errors."""
+    groups: list[int] = []
+    accept_together = fast_publish.accept_together
+
+    def counting(flows):
+        groups.append(len(flows))
+        return accept_together(flows)
+
+    monkeypatch.setattr(fast_publish, "accept_together", counting)
+    transport = httpx.ASGITransport(app=FastPublish(get_asgi_application()))
+
+    def batch(n: int) -> dict:
+        return {"messages": [{"topic": "together", "payload": [n, i]} for i in range(5)] + [{"user": "bob"}]}
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as http:
+
+        async def post(body, **headers: str) -> httpx.Response:
+            auth = {"Authorization": f"Token {users['alice'].token}", "Content-Type": "application/json"}
+            return await http.post(BATCH, content=json.dumps(body), headers=auth | headers)
+
+        keyed = batch(100)
+        answers = await asyncio.gather(
+            *(post(batch(n)) for n in range(12)),
+            post(keyed, **{"Idempotency-Key": "twice"}),
+            post(keyed, **{"Idempotency-Key": "twice"}),
+            post({"messages": [{"topic": "together"}, {"user": "nobody-by-that-name"}]}),
+        )
+    assert max(groups) > 1, groups
+    *good, first_keyed, second_keyed, bad = answers
+    assert all(a.status_code == 202 for a in good), [a.content for a in good]
+    assert bad.status_code == 400 and json_of(bad)["messages"][0] == {}, bad.content
+    # The two requests with one key: one publishes, the other is in flight (409) or its replay.
+    assert sorted([first_keyed.status_code, second_keyed.status_code]) in ([202, 202], [202, 409])
+    keyed_ids = {
+        tuple(r["id"] for r in json_of(a)["messages"])
+        for a in (first_keyed, second_keyed)
+        if a.status_code == 202
+    }
+    assert len(keyed_ids) == 1
+    published = [json_of(a)["messages"] for a in good] + [
+        json_of(next(a for a in (first_keyed, second_keyed) if a.status_code == 202))["messages"]
+    ]
+    topic_seqs = []
+    for records in published:
+        assert all(r["status"] == "published" for r in records)
+        seqs = [r["seq"] for r in records if r["topic"] == "together"]
+        assert seqs == list(range(seqs[0], seqs[0] + 5)), "a batch keeps its order, unbroken"
+        assert [r["payload"][1] for r in records if r["topic"] == "together"] == list(range(5))
+        topic_seqs += seqs
+    assert sorted(topic_seqs) == list(range(1, 66)), "one gap-free numbering"
+    bob = await database_sync_to_async(User.objects.get)(username="bob")
+    assert await last_seq(f"user:{bob.pk}") == 13
+    assert await count() == 13 * 6
+
+
 class FailingBroker:
     """A publisher whose confirms fail: every publish, or only from the `after`-th one on."""
 

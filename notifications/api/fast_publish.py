@@ -51,6 +51,7 @@ from rest_framework.throttling import UserRateThrottle
 from notifications import jsonutil
 from notifications.api import views
 from notifications.api.flows import (
+    Flow,
     PublishBatch,
     PublishOne,
     accept_together,
@@ -70,11 +71,15 @@ CREDENTIAL_CACHE_MAX = 10_000
 # few queries. More would only queue on PostgreSQL's locks and the two cores.
 DB_THREADS = 4
 PUBLISH_PERMISSION = "notifications.add_message"
-# Single publishes stored together at most (one transaction, one COPY; their broker messages are
-# cut at BROKER_BATCH_ITEMS per routing key anyway).
+# Messages stored together at most (one transaction, one COPY; their broker messages are cut at
+# BROKER_BATCH_ITEMS per routing key anyway): single publishes, or whole batches (a larger batch
+# goes alone).
 GROUP_MAX = 200
+BATCH_GROUP_MAX = 2000
 
 T = TypeVar("T")
+# A request waiting in a group, and where its answer goes.
+Waiting = tuple[Flow, asyncio.Future[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -275,22 +280,25 @@ def error_body(exc: APIException) -> Any:
 
 
 class Together:
-    """Single publishes that arrive while the previous ones are being stored are stored together.
+    """Publishes that arrive while the previous ones are being stored are stored together.
 
     One group at a time is stored (one database hop: one transaction, one numbering statement,
     one COPY, `flows.accept_together`); meanwhile the next requests gather. A stored group is then
     published (several messages per broker message, each confirmed) and recorded (one hop) while
     the next group is stored. Idle, a request goes alone at once; under load, PostgreSQL commits,
     and the broker confirms and takes, once per group instead of once per request, and the
-    requests to one stream stop queueing one commit at a time on its row lock.
+    requests to one stream stop queueing one commit at a time on its row lock. (Batch requests
+    too, in their own groups: concurrent batches to the same users otherwise each lock all their
+    streams from numbering to commit, one after the other.)
     """
 
-    def __init__(self) -> None:
-        self.waiting: list[tuple[PublishOne, asyncio.Future[dict[str, Any]]]] = []
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # messages in a group at most (at least one request)
+        self.waiting: list[tuple[Flow, asyncio.Future[dict[str, Any]]]] = []
         self.storing = False
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def publish(self, flow: PublishOne) -> dict[str, Any]:
+    async def publish(self, flow: Flow) -> dict[str, Any]:
         """The request's 202 record, or raise its APIException (or a database error)."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.waiting.append((flow, future))
@@ -307,7 +315,7 @@ class Together:
     async def _store(self) -> None:
         try:
             while self.waiting:
-                group, self.waiting = self.waiting[:GROUP_MAX], self.waiting[GROUP_MAX:]
+                group, self.waiting = self._next_group()
                 started = time.perf_counter()
                 try:
                     await in_db_thread(accept_together, [flow for flow, _ in group])
@@ -318,9 +326,17 @@ class Together:
         finally:
             self.storing = False
 
-    async def _publish(
-        self, group: list[tuple[PublishOne, asyncio.Future[dict[str, Any]]]], started: float, stored: float
-    ) -> None:
+    def _next_group(self) -> tuple[list[Waiting], list[Waiting]]:
+        """The first waiting requests up to `limit` messages (at least one), and the rest."""
+        size = taken = 0
+        for flow, _ in self.waiting:
+            if taken and size + flow.size > self.limit:
+                break
+            size += flow.size
+            taken += 1
+        return self.waiting[:taken], self.waiting[taken:]
+
+    async def _publish(self, group: list[Waiting], started: float, stored: float) -> None:
         flows = [flow for flow, _ in group]
         try:
             await publish_together(flows)
@@ -340,9 +356,7 @@ class Together:
             )
 
     @staticmethod
-    def _settle(
-        group: list[tuple[PublishOne, asyncio.Future[dict[str, Any]]]], failure: Exception | None
-    ) -> None:
+    def _settle(group: list[Waiting], failure: Exception | None) -> None:
         for flow, future in group:
             if future.done():
                 continue
@@ -361,7 +375,8 @@ class FastPublish:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.together = Together()
+        self.together = Together(GROUP_MAX)
+        self.batches = Together(BATCH_GROUP_MAX)
         self.windows = UserWindows()
         # RT_FAST_PUBLISH=0 sends every request through Django (to compare, or to rule this out).
         self.enabled = os.environ.get("RT_FAST_PUBLISH", "1") != "0"
@@ -440,12 +455,8 @@ class FastPublish:
             plain=plain,
         )
         try:
-            if isinstance(flow, PublishOne):
-                answer = await self.together.publish(flow)
-            else:
-                await in_db_thread(flow.accept)
-                await flow.publish()
-                answer = await in_db_thread(flow.finish)
+            together = self.together if isinstance(flow, PublishOne) else self.batches
+            answer = await together.publish(flow)
         except APIException as exc:
             return await self._respond(send, exc.status_code, error_body(exc), secure, exc)
         except Exception:

@@ -10,6 +10,7 @@ Errors are DRF's exceptions (APIException), so both paths answer with the same s
 
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
@@ -152,6 +153,10 @@ class PublishOne:
         # When handled together with others (`accept_together`...): its error, or its answer.
         self.error: APIException | None = None
         self.result: dict[str, Any] | None = None
+        self.fields: dict[str, Any] = {}
+
+    # Messages it asks for (to bound a group).
+    size = 1
 
     @staticmethod
     def plain(body: Any) -> dict[str, Any] | None:
@@ -177,6 +182,7 @@ class PublishOne:
                 raise PayloadTooLarge(f"`payload` is larger than {settings.RT_MAX_PAYLOAD_BYTES} bytes.")
             raise ValidationError(errors)
         self.recipient = fields["user"]
+        self.fields = fields
         return fields
 
     def claim_or_replay(self) -> None:
@@ -188,8 +194,23 @@ class PublishOne:
                 raise NotFound(MESSAGE_DELETED)
             self.answer = dict(MessageSerializer(replay).data)
 
-    def new_message(self, fields: dict[str, Any]) -> Message:
-        return message_from(fields, self.user)
+    def build(self) -> list[Message]:
+        """Its message, not yet stored (after `check`)."""
+        self.message = message_from(self.fields, self.user)
+        return [self.message]
+
+    def stored(self) -> list[Message]:
+        return [self.message] if self.message is not None else []
+
+    def unconfirmed(self, messages: list[Message], exc: BrokerUnavailable) -> None:
+        self.failure = exc
+
+    def unconfirmed_messages(self) -> list[tuple[Message, BrokerUnavailable]]:
+        return [(self.message, self.failure)] if self.message is not None and self.failure is not None else []
+
+    def answer_records(self, times: dict[Any, str | None]) -> dict[str, Any]:
+        assert self.message is not None
+        return message_record(self.message, self.recipient, times)
 
     def accept(self) -> None:
         """Validate, claim the key, store the message numbered in its stream (sync)."""
@@ -200,7 +221,7 @@ class PublishOne:
         record = self.record
         try:
             with transaction.atomic():
-                message = self.new_message(fields)
+                message = message_from(fields, self.user)
                 if record is not None:
                     # Committed with the message: from here on a retry can only find this one.
                     idempotency.attach(record, message)
@@ -248,7 +269,10 @@ class PublishOne:
 
 
 class PublishBatch:
-    """`POST /api/v1/messages/batch/`: all or nothing, one transaction, a few broker messages."""
+    """`POST /api/v1/messages/batch/`: all or nothing, one transaction, a few broker messages.
+
+    Alone (the DRF view: `accept`, `publish`, `finish`) or grouped with other requests (the fast
+    path: `accept_together`...), through the same steps."""
 
     def __init__(self, user: User, body: Any, key: str | None, *, plain: Any = None) -> None:
         self.user = user
@@ -256,10 +280,13 @@ class PublishBatch:
         self.key = key
         self.plain_items: list[dict[str, Any] | None] | None = plain
         self.claim: idempotency.Claim | None = None
+        self.targets: list[dict[str, Any]] = []
         self.messages: list[Message] = []
         self.recipients: list[str | None] = []
         self.answer: dict[str, Any] | None = None
         self.failed: list[tuple[list[Message], BrokerUnavailable]] = []
+        self.error: APIException | None = None
+        self.result: dict[str, Any] | None = None
 
     @staticmethod
     def plain(body: Any) -> list[dict[str, Any] | None] | None:
@@ -276,6 +303,12 @@ class PublishBatch:
     def record(self) -> IdempotencyKey | None:
         return self.claim.record if self.claim is not None else None
 
+    @property
+    def size(self) -> int:
+        """Messages it asks for (to bound a group)."""
+        items = self.body.get("messages") if isinstance(self.body, dict) else None
+        return len(items) if isinstance(items, list) else 1
+
     def items(self) -> list[Any]:
         body = self.body
         if not isinstance(body, dict):
@@ -288,12 +321,19 @@ class PublishBatch:
             raise ValidationError({"messages": [f"A list of 1 to {BATCH_MAX_ITEMS} messages."]})
         return items
 
-    def accept(self) -> None:
-        """Validate every item (a 400 lists each item's errors), claim the key, store them all
-        numbered in one transaction: one numbering statement, one COPY (sync)."""
+    def recipient_names(self) -> set[str]:
+        """The usernames its plainly valid items name (`check` takes the users found)."""
+        if self.plain_items is None:
+            try:
+                self.plain_items = [plainly_valid(item) for item in self.items()]
+            except ValidationError:
+                return set()  # `check` says what is wrong
+        return {fields["user"] for fields in self.plain_items if fields is not None and fields["user"]}
+
+    def check(self, users: dict[str, Any]) -> None:
+        """Validate every item, or raise DRF's 400 listing each item's errors."""
         items = self.items()
         plain = self.plain_items if self.plain_items is not None else [plainly_valid(item) for item in items]
-        users = _users_named({fields["user"] for fields in plain if fields is not None and fields["user"]})
         targets: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         for item, item_plain in zip(items, plain, strict=True):
@@ -303,29 +343,52 @@ class PublishBatch:
                 targets.append(fields)
         if len(targets) != len(items):
             raise ValidationError({"messages": errors})
+        self.targets = targets
+
+    def claim_or_replay(self) -> None:
+        """Claim the Idempotency-Key; a finished request with it becomes this one's `answer`."""
         self.claim = claim_key(self.user, self.key, self.body)
         if self.claim is not None and self.claim.replay is not None:
             self.answer = {"messages": batch_records(self.user, self.claim.replay)}
-            return
-        ids = batch_ids(len(targets))
-        for message_id, fields in zip(ids, targets, strict=True):
-            self.messages.append(message_from(fields, self.user, message_id))
-            self.recipients.append(fields["user"])
-        record = self.record
-        try:
-            with transaction.atomic():
-                if record is not None:  # first: the streams stay locked from their numbering on
-                    idempotency.attach(record, self.messages[0])
-                store_messages(self.messages)  # numbered in list order: a stream keeps request order
-        except BaseException:
-            if record is not None:
-                idempotency.release(record)
-            raise
+
+    def build(self) -> list[Message]:
+        """Its messages, not yet stored, with ids that find the batch again (`batch_ids`)."""
+        ids = batch_ids(len(self.targets))
+        self.messages = [
+            message_from(fields, self.user, message_id)
+            for message_id, fields in zip(ids, self.targets, strict=True)
+        ]
+        self.recipients = [fields["user"] for fields in self.targets]
+        return self.messages
+
+    def stored(self) -> list[Message]:
+        return self.messages
+
+    def unconfirmed(self, messages: list[Message], exc: BrokerUnavailable) -> None:
+        self.failed.append((messages, exc))
+
+    def unconfirmed_messages(self) -> list[tuple[Message, BrokerUnavailable]]:
+        return [(message, exc) for members, exc in self.failed for message in members]
+
+    def answer_records(self, times: dict[Any, str | None]) -> dict[str, Any]:
+        """The 202's records, in request order."""
+        return {
+            "messages": [
+                message_record(message, recipient, times)
+                for message, recipient in zip(self.messages, self.recipients, strict=True)
+            ]
+        }
+
+    def accept(self) -> None:
+        """Validate every item (a 400 lists each item's errors), claim the key, store them all
+        numbered in one transaction: one numbering statement, one COPY (sync)."""
+        accept_together([self])
+        if self.error is not None:
+            raise self.error
 
     async def publish(self) -> None:
         """Publish them all, several per broker message, each confirmed (async)."""
-        if self.messages:
-            self.failed = await publish_many(self.messages)
+        await publish_together([self])
 
     def finish(self) -> dict[str, Any]:
         """Record what the broker confirmed; the 202's records in request order, or the 503 (sync).
@@ -335,47 +398,11 @@ class PublishBatch:
         the others stay `accepted` (stored, so the sweeper publishes them; web instances fill the
         gap from the database sooner), and the answer is 202: every message is durably accepted.
         """
-        if self.answer is not None:
-            return self.answer
-        record = self.record
-        messages = self.messages
-        if self.failed:
-            unconfirmed = {m.id for members, _ in self.failed for m in members}
-            if len(unconfirmed) == len(messages):
-                self._fail_all(record)
-            for message in messages:
-                if message.id in unconfirmed:
-                    message.published_at = None
-            confirmed = [m for m in messages if m.id not in unconfirmed]
-        else:
-            confirmed = messages
-        try:
-            if confirmed:
-                mark_published(confirmed)
-        finally:
-            if record is not None:
-                idempotency.complete(record, messages[0])
-        times: dict[Any, str | None] = {}
-        return {
-            "messages": [
-                message_record(message, recipient, times)
-                for message, recipient in zip(messages, self.recipients, strict=True)
-            ]
-        }
-
-    def _fail_all(self, record: IdempotencyKey | None) -> None:
-        reason = f"broker unavailable: {self.failed[0][1]}"
-        maybe_taken = [m for members, exc in self.failed if exc.maybe_taken for m in members]
-        never_sent = [m for members, exc in self.failed if not exc.maybe_taken for m in members]
-        try:
-            if maybe_taken:
-                mark_batch_failed(maybe_taken, reason, sent=True)
-            if never_sent:
-                mark_batch_failed(never_sent, reason, sent=False)
-        finally:
-            if record is not None:
-                idempotency.release(record)
-        raise BrokerUnavailableError()
+        finish_together([self])
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 def batch_records(user: User, first: Message) -> list[dict[str, Any]]:
@@ -388,14 +415,17 @@ def batch_records(user: User, first: Message) -> list[dict[str, Any]]:
     return records
 
 
-# --- single publishes that arrive together, stored and published together -----------------------
+# --- publishes that arrive together, stored and published together ------------------------------
+
+Flow = PublishOne | PublishBatch
 
 
-def accept_together(flows: list[PublishOne]) -> None:
-    """`accept` for many single publishes at once (sync, one database hop): one query for their
-    recipients, then ONE transaction for their keys and messages (one numbering statement, one
-    COPY). A request that fails alone (bad input, its key in flight or reused) keeps its error in
-    `error`; a database error fails them all (raised; the transaction takes the keys back too).
+def accept_together(flows: Sequence[Flow]) -> None:
+    """`accept` for many publishes (single or batch) at once (sync, one database hop): one query
+    for their recipients, then ONE transaction for their keys and messages (one numbering
+    statement, one COPY). A request that fails alone (bad input, its key in flight or reused)
+    keeps its error in `error`; a database error fails them all (raised; the transaction takes
+    the keys back too).
 
     Keys are claimed in (user, key) order and inside the transaction, before the streams are
     numbered (in name order): every process takes those locks in one order, so two groups can
@@ -405,14 +435,15 @@ def accept_together(flows: list[PublishOne]) -> None:
     for flow in flows:
         names |= flow.recipient_names()
     users = _users_named(names)
-    checked: list[tuple[PublishOne, dict[str, Any]]] = []
+    checked: list[Flow] = []
     for flow in flows:
         try:
-            checked.append((flow, flow.check(users)))
+            flow.check(users)
+            checked.append(flow)
         except APIException as exc:
             flow.error = exc
     with transaction.atomic():
-        for flow, _ in sorted(checked, key=lambda pair: (pair[0].user.pk, pair[0].key or "")):
+        for flow in sorted(checked, key=lambda flow: (flow.user.pk, flow.key or "")):
             if flow.key is None:
                 continue
             try:
@@ -421,61 +452,86 @@ def accept_together(flows: list[PublishOne]) -> None:
             except APIException as exc:
                 flow.claim = None
                 flow.error = exc
-        fresh = [(flow, fields) for flow, fields in checked if flow.error is None and flow.answer is None]
-        for flow, fields in fresh:
-            flow.message = flow.new_message(fields)
-        for flow, _ in fresh:
+        messages: list[Message] = []
+        for flow in checked:
+            if flow.error is not None or flow.answer is not None:
+                continue
+            built = flow.build()
             record = flow.record
-            if record is not None and flow.message is not None:
-                idempotency.attach(record, flow.message)
-        if fresh:  # last: the streams stay locked from their numbering to the commit
-            store_messages([flow.message for flow, _ in fresh if flow.message is not None])
+            if record is not None:  # the first message finds the request again
+                idempotency.attach(record, built[0])
+            messages += built
+        if messages:  # last: the streams stay locked from their numbering to the commit
+            store_messages(messages)  # numbered in list order: a stream keeps request order
 
 
-async def publish_together(flows: list[PublishOne]) -> None:
-    """Publish the messages of many single publishes, several per broker message (async)."""
-    by_id = {flow.message.id: flow for flow in flows if flow.message is not None}
-    if not by_id:
+async def publish_together(flows: Sequence[Flow]) -> None:
+    """Publish the stored messages of many publishes, several per broker message (async); each
+    request learns which of its messages the broker did not confirm."""
+    owners: dict[uuid.UUID, Flow] = {}
+    messages: list[Message] = []
+    for flow in flows:
+        for message in flow.stored():
+            owners[message.id] = flow
+            messages.append(message)
+    if not messages:
         return
-    for members, exc in await publish_many([flow.message for flow in by_id.values() if flow.message]):
+    for members, exc in await publish_many(messages):
+        parts: dict[int, tuple[Flow, list[Message]]] = {}
         for message in members:
-            by_id[message.id].failure = exc
+            owner = owners[message.id]
+            parts.setdefault(id(owner), (owner, []))[1].append(message)
+        for owner, part in parts.values():
+            owner.unconfirmed(part, exc)
 
 
-def finish_together(flows: list[PublishOne]) -> None:
+def finish_together(flows: Sequence[Flow]) -> None:
     """`finish` for many (sync, one database hop): one update marks the confirmed ones published
-    and one completes their keys; the others are `failed`, their seqs given back where nothing
-    was sent, their keys forgotten, their requests a 503. Each flow's answer is in `result`."""
-    confirmed = [flow for flow in flows if flow.message is not None and flow.failure is None]
-    unconfirmed = [flow for flow in flows if flow.message is not None and flow.failure is not None]
-    if unconfirmed:
-        reason = f"broker unavailable: {unconfirmed[0].failure}"
-        maybe = [
-            f.message for f in unconfirmed if f.message is not None and f.failure and f.failure.maybe_taken
-        ]
-        never = [
-            f.message
-            for f in unconfirmed
-            if f.message is not None and not (f.failure and f.failure.maybe_taken)
-        ]
+    and one completes their keys. A single publish the broker did not confirm, or a batch none of
+    whose messages it confirmed, is `failed` (seqs given back where nothing was sent), its key
+    forgotten, its request a 503; a batch the broker confirmed in part keeps the rest `accepted`
+    (the sweeper publishes them) and answers 202. Each flow's answer is in `result`."""
+    confirmed: list[Message] = []
+    completed: list[IdempotencyKey] = []
+    failed: list[tuple[Message, BrokerUnavailable]] = []
+    given_up: list[Flow] = []
+    for flow in flows:
+        stored = flow.stored()
+        if not stored or flow.error is not None:
+            continue
+        unconfirmed = flow.unconfirmed_messages()
+        if len(unconfirmed) == len(stored):
+            failed += unconfirmed
+            given_up.append(flow)
+            continue
+        for message, _ in unconfirmed:
+            message.published_at = None  # stays `accepted`: the sweeper publishes it
+        left_out = {message.id for message, _ in unconfirmed}
+        confirmed += [message for message in stored if message.id not in left_out]
+        if flow.record is not None:
+            completed.append(flow.record)
+    if failed:
+        reason = f"broker unavailable: {failed[0][1]}"
         try:
-            if maybe:
-                mark_batch_failed(maybe, reason, sent=True)
-            if never:
-                mark_batch_failed(never, reason, sent=False)
+            maybe_taken = [message for message, exc in failed if exc.maybe_taken]
+            never_sent = [message for message, exc in failed if not exc.maybe_taken]
+            if maybe_taken:
+                mark_batch_failed(maybe_taken, reason, sent=True)
+            if never_sent:
+                mark_batch_failed(never_sent, reason, sent=False)
         finally:
-            idempotency.release_many([f.record for f in unconfirmed if f.record is not None])
-        for flow in unconfirmed:
+            idempotency.release_many([flow.record for flow in given_up if flow.record is not None])
+        for flow in given_up:
             flow.error = BrokerUnavailableError()
     if confirmed:
         # One commit, which need not wait for the disk (see mark_published): a key left
         # unfinished by a crash is completed by its next claim, since its message is not failed.
         with transaction.atomic():
-            mark_published([flow.message for flow in confirmed if flow.message is not None])
-            idempotency.complete_many([flow.record for flow in confirmed if flow.record is not None])
-    for flow in confirmed:
-        assert flow.message is not None
-        flow.result = message_record(flow.message, flow.recipient)
+            mark_published(confirmed)
+            idempotency.complete_many(completed)
+    times: dict[Any, str | None] = {}
     for flow in flows:
         if flow.answer is not None:
             flow.result = flow.answer
+        elif flow.error is None and flow.stored():
+            flow.result = flow.answer_records(times)
