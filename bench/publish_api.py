@@ -17,9 +17,12 @@ latency is POST start -> answer, and with sockets POST start -> arrival.
 
 `--side-by-side` starts the project (fast path), the project with RT_FAST_PUBLISH=0 (every
 request through Django and DRF, as before the fast path), and the baseline, each with its own
-sockets, and drives them in turns, `--rounds` times `--requests` requests each (batches: a
-tenth as many requests): on a shared machine whose load changes by the minute, every variant
-sees the same conditions, and the ratios between them are what to read.
+sockets, and drives them in turns, `--rounds` times `--requests` requests each (batches:
+`--batch-requests`, by default a tenth as many): on a shared machine whose load changes by the
+minute, every variant sees the same conditions, and the ratios between them are what to read.
+A batch turn of a tenth is short (40 requests by 8 clients: 5 waves, the first and last of them
+half empty) and reads mostly its ramp; `--batch-requests 100` makes it last about as long as a
+single-publish turn, and reads the steady rate.
 """
 
 import argparse
@@ -354,6 +357,11 @@ def run_publish(args: argparse.Namespace, db_url: str | None, users: dict[str, A
             deployment.close(notes)
 
 
+def batch_requests(args: argparse.Namespace) -> int:
+    """Batch requests per side-by-side turn."""
+    return args.batch_requests or max(1, args.requests // 10)
+
+
 SIDE_BY_SIDE = [
     # name, target, view, batch, topic
     ("project", "project", "fast", 0, "bench"),
@@ -403,7 +411,7 @@ def run_side_by_side(
             variants.append(variant)
         for round_ in range(args.rounds):
             for variant in variants:
-                requests = max(1, args.requests // 10) if variant.batch else args.requests
+                requests = batch_requests(args) if variant.batch else args.requests
                 waited = wait_quiet(started)
                 log(
                     f"round {round_ + 1}/{args.rounds}: {variant.name}, {requests} requests (quiet after {waited:.1f}s)"
@@ -481,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side-by-side", action="store_true", help="every variant, in turns (see above)")
     parser.add_argument("--rounds", type=int, default=5, help="--side-by-side: turns per variant")
     parser.add_argument("--batch-size", type=int, default=100, help="--side-by-side: messages per batch")
+    parser.add_argument(
+        "--batch-requests",
+        type=int,
+        help="--side-by-side: batch requests per turn (default: a tenth of --requests)",
+    )
     parser.add_argument("--client-procs", type=int, default=1, help="client processes holding the sockets")
     parser.add_argument(
         "--quiet", type=float, default=20.0, help="stop waiting after this many silent seconds"
@@ -519,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "batch": args.batch_size,
             "batch_concurrency": args.batch_concurrency,
+            "batch_requests": batch_requests(args),
         }
     else:
         params |= {"target": args.target, "view": args.view, "batch": args.batch or None}
