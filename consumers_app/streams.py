@@ -65,7 +65,8 @@ class StreamState:
     early: dict[int, dict[str, Any]] = field(default_factory=dict)
     catchups: dict[Socket, Catchup] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
-    filling: bool = False
+    filling: bool = False  # a read of the stream (gap fill or resync) is in flight
+    refill: bool = False  # a resync came while it was: the stream is read to its end after it
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -119,6 +120,10 @@ class StreamTracker:
         seq = body.get("seq")
         if isinstance(seq, int) and state.next_seq is not None and seq >= state.next_seq:
             state.next_seq = seq + 1
+            # Its copy may be waiting among the early ones (it came from the broker while a read
+            # of the database delivered it): left there, below `next_seq`, nothing would ever
+            # drain it, and every later gap fill would read only up to it.
+            state.early.pop(seq, None)
         targets = self.registry.targets(state.name)
         if not targets and not state.catchups:
             return
@@ -186,6 +191,8 @@ class StreamTracker:
         state.gap_timer = None
         if self.states.get(state.name) is not state or not state.early or state.next_seq is None:
             return
+        if state.filling:
+            return  # the read in flight waits for the gap again after it, if it is still open
         await self._fill(state, before=min(state.early))
 
     async def resync(self) -> None:
@@ -194,7 +201,14 @@ class StreamTracker:
         After the broker connection came back, possibly to another node of a cluster whose
         copy of this instance's queue lost messages: no later message may come to show the gap.
         """
-        loaded = [state for state in self.states.values() if state.next_seq is not None and not state.filling]
+        loaded = []
+        for state in self.states.values():
+            if state.next_seq is None:
+                continue  # its position is being read: nothing was delivered from it yet
+            if state.filling:
+                state.refill = True  # a gap fill reads only up to its gap: read on after it
+            else:
+                loaded.append(state)
         await asyncio.gather(*(self._fill(state, before=None) for state in loaded))
 
     async def _fill(self, state: StreamState, before: int | None) -> None:
@@ -202,6 +216,8 @@ class StreamTracker:
         the database and deliver them in order."""
         assert state.next_seq is not None
         after = state.next_seq - 1
+        # Those waiting now were published before the read starts, hence committed before it.
+        waiting = set(state.early)
         state.filling = True
         try:
             epoch, last, bodies = await database_sync_to_async(between)(state.name, after, before)
@@ -213,9 +229,11 @@ class StreamTracker:
         if self.states.get(state.name) is not state or state.next_seq is None:
             return
         if epoch == state.epoch:
-            # A message past the stream's last seq was never numbered by this deployment (every
-            # message is published after its commit): a forgery, dropped rather than skipped to.
-            forged = [seq for seq in state.early if seq > last]
+            # A message that came before the read and is past the stream's last seq was never
+            # numbered by this deployment (every message is published after its commit): a
+            # forgery, dropped rather than skipped to. One that came during the read may have
+            # been committed after it read `last`: it waits, as any early message does.
+            forged = [seq for seq in waiting if seq > last and seq in state.early]
             for seq in forged:
                 del state.early[seq]
             if forged:
@@ -234,10 +252,19 @@ class StreamTracker:
         for body in bodies:
             if body["seq"] == state.next_seq and epoch == state.epoch:
                 self._emit(state, body)
-        if state.early and min(state.early) > state.next_seq:
+        # A seq the read covered (up to `last`) and did not find is not kept: skipped. Past
+        # `last`, the early ones came during the read: the gap before them is read next.
+        if (
+            state.early
+            and min(state.early) > state.next_seq
+            and (state.next_seq <= last or epoch != state.epoch)
+        ):
             self._skip_gap(state, "not kept in the database")
         self._drain(state)
-        if state.early:
+        if state.refill and self.states.get(state.name) is state:
+            state.refill = False
+            await self._fill(state, before=None)
+        elif state.early:
             self._expect_gap(state)
 
     def _skip_gap(self, state: StreamState, why: str) -> None:
