@@ -501,8 +501,9 @@ def _what_is_missing(listener, load, accepted, rabbit_cluster, webs) -> str:
     connections = {
         web.name: [node.name for node in rabbit_cluster.connection_nodes(web.name)] for web in webs
     }
+    bound = rabbit_cluster.bindings_of(f"topic.{TOPIC}")
     return (
         f"{listener.welcome.get('instance')}: {len(missing)} accepted messages missing, first "
         f"{sorted(missing)[:5]}; last seq got {max(seqs, default=None)}; instance queues {queues}; "
-        f"connections {connections}"
+        f"connections {connections}; queues bound to topic.{TOPIC} {bound}"
     )

@@ -295,6 +295,18 @@ class RabbitCluster:
         """The nodes that hold a replica of quorum queue `queue`."""
         return re.findall(r"[\w.-]+@[\w.-]+", self.queues("members", vhost=vhost)[queue][0])
 
+    def bindings_of(self, routing_key: str, vhost: str = "/") -> list[str]:
+        """The queues bound with `routing_key` (to any exchange), as a live node sees them."""
+        via = next(node for node in self.nodes if node.running)
+        out = via.ctl(
+            "list_bindings", "-p", vhost, "destination_name", "routing_key", "--quiet", "--no-table-headers"
+        )
+        return sorted(
+            name
+            for name, _, key in (line.partition("\t") for line in out.splitlines())
+            if key.strip() == routing_key
+        )
+
     def connection_nodes(self, connection_name: str) -> list[RabbitNode]:
         """The nodes that hold an AMQP connection whose client named itself `connection_name`
         (aio-pika's `client_properties={"connection_name": ...}`: the RT_INSTANCE_ID)."""
