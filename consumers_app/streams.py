@@ -42,6 +42,9 @@ GAP_WAIT_SECONDS = 0.2
 MAX_EARLY = 10_000
 # Longest wait between two reads of a stream's position while the database is down.
 LOAD_BACKOFF_MAX = 5.0
+# A gap fill or resync whose read failed (the database is down) is tried again after this long:
+# no later message may come to show the gap again.
+FILL_RETRY_SECONDS = 2.0
 
 # A message ready for sockets: (seq, message id, JSON frame, ready-made WebSocket frame).
 Frame = tuple[int | None, uuid.UUID, bytes, bytes]
@@ -222,7 +225,14 @@ class StreamTracker:
         try:
             epoch, last, bodies = await database_sync_to_async(between)(state.name, after, before)
         except Exception as exc:
-            logger.warning("could not read %s after seq %d: %s", state.name, after, exc)
+            logger.warning(
+                "could not read %s after seq %d (%s); trying again in %.0f s",
+                state.name,
+                after,
+                exc,
+                FILL_RETRY_SECONDS,
+            )
+            self._retry_fill(state, to_end=before is None)
             return
         finally:
             state.filling = False
@@ -266,6 +276,24 @@ class StreamTracker:
             await self._fill(state, before=None)
         elif state.early:
             self._expect_gap(state)
+
+    def _retry_fill(self, state: StreamState, to_end: bool) -> None:
+        """Read the stream again later: to its end (a failed resync), or up to its gap if one is
+        still open then."""
+        if to_end:
+            state.refill = True
+        loop = asyncio.get_running_loop()
+
+        async def again() -> None:
+            if self.states.get(state.name) is not state or state.next_seq is None or state.filling:
+                return  # gone, or a read in flight (it reads on to the end if `refill`)
+            if state.refill:
+                state.refill = False
+                await self._fill(state, before=None)
+            elif state.early:
+                await self._fill(state, before=min(state.early))
+
+        loop.call_later(FILL_RETRY_SECONDS, lambda: loop.create_task(again(), name=f"refill-{state.name}"))
 
     def _skip_gap(self, state: StreamState, why: str) -> None:
         first = min(state.early)

@@ -172,3 +172,27 @@ async def test_a_resync_while_a_gap_is_filled_still_reads_the_stream_to_its_end(
     _, two, _ = await tracked.publish(3)
     tracked.tracker.arrive(two)
     await tracked.got([1, 2, 3])
+
+
+@pytest.mark.parametrize("how", ["gap fill", "resync"])
+async def test_a_read_that_failed_is_tried_again_without_a_later_message(tracked, monkeypatch, how):
+    # The database is down for the first read of the stream: the read is tried again by itself,
+    # since no later message may come to show the gap again.
+    monkeypatch.setattr(streams_module, "FILL_RETRY_SECONDS", 0.1)
+    real = streams_module.between
+    failures = []
+
+    def between(stream: str, after: int, before: int | None):
+        if not failures:
+            failures.append(stream)
+            raise ConnectionError("the database is down")
+        return real(stream, after, before)
+
+    monkeypatch.setattr(streams_module, "between", between)
+    _, two = await tracked.publish(2)
+    if how == "gap fill":
+        tracked.tracker.arrive(two)  # seq 1 was lost: 2 shows the gap
+    else:
+        await tracked.tracker.resync()  # both lost with a queue: only a resync can find them
+    await tracked.got([1, 2])
+    assert failures == [tracked.stream]
