@@ -200,7 +200,9 @@ async def test_an_idempotency_key_in_flight_is_409(users, post):
     assert await count() == 0
 
 
-async def test_concurrent_batches_are_stored_together_and_each_gets_its_own_answer(users, bridge, monkeypatch):
+async def test_concurrent_batches_are_stored_together_and_each_gets_its_own_answer(
+    users, bridge, monkeypatch
+):
     """Batches that arrive while others are being stored go in one transaction (the fast path);
     each keeps its own answer, its own request order within every stream, and its own errors."""
     groups: list[int] = []
