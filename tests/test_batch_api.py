@@ -16,6 +16,7 @@ from django.contrib.auth.models import User
 from django.core.asgi import get_asgi_application
 from django.test import AsyncClient
 
+from notifications import publishing
 from notifications.api import fast_publish, views
 from notifications.api.fast_publish import FastPublish
 from notifications.broker import BrokerUnavailable
@@ -297,6 +298,16 @@ async def test_broker_down_is_503_every_record_failed_and_every_seq_given_back(u
         0,
     )
     assert await count(IdempotencyKey) == 0  # not remembered: retry with the same key
+
+
+async def test_no_publisher_in_the_process_is_503_with_every_seq_given_back(users, post):
+    ok = await post(users["alice"], {"messages": [{"topic": "t"}]})
+    assert ok.status_code == 202
+    publishing.install(None)  # the `publisher` fixture puts back what was there
+    failed = await post(users["alice"], {"messages": [{"topic": "t"}, {"user": "bob"}]})
+    assert failed.status_code == 503 and "detail" in json_of(failed)
+    assert await count(status=Message.Status.FAILED, seq__isnull=True) == 2
+    assert await last_seq("topic:t") == 1
 
 
 async def test_a_broker_lost_mid_batch_leaves_the_rest_accepted_for_the_sweeper(

@@ -318,7 +318,12 @@ async def publish_many(messages: list[Message]) -> list[tuple[list[Message], Bro
     for message in messages:
         message.published_at = when
     groups = broker_groups(messages)
-    publisher = publishing.current()
+    try:
+        publisher = publishing.current()
+    except BrokerUnavailable as exc:  # nothing was sent
+        metrics.publish_failures.inc(len(messages))
+        logger.warning("%d messages not published: %s", len(messages), exc)
+        return [(members, exc) for members, _, _ in groups]
     started = time.perf_counter()
     results = await asyncio.gather(
         *(
