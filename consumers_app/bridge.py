@@ -87,6 +87,11 @@ class InstanceBridge:
             and self.connection.connected.is_set()
         )
 
+    @property
+    def started(self) -> bool:
+        """It has connected and consumed its queue once (a later outage does not undo this)."""
+        return self._started.is_set()
+
     async def wait_ready(self, timeout: float) -> bool:
         self.ensure_started()
         try:

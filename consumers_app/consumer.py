@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 # Seconds a new socket's own streams (its user's, the broadcasts) are held for a `resume`; a
 # socket that sends anything else first, or nothing, gets them live then.
 RESUME_WINDOW_SECONDS = 2.0
+# A socket that comes while its instance is still starting (a browser reconnects as soon as the
+# port answers, before /readyz does) waits this long at most for the broker connection, so its
+# first frames (resume, subscribe, send) are not refused as "unavailable".
+STARTING_WAIT_SECONDS = 10.0
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -91,6 +95,8 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.max_frame_bytes = settings.RT_MAX_FRAME_BYTES
         self.max_subscriptions = settings.RT_MAX_SUBSCRIPTIONS
         self.bridge = ensure_bridge()
+        if not self.bridge.started:
+            await self.bridge.wait_ready(STARTING_WAIT_SECONDS)
         await self.accept()
         self.outbound = Outbound(
             self.base_send,

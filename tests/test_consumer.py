@@ -232,3 +232,23 @@ async def test_a_trusted_origin_of_another_port_may_open_a_socket(bridge, users,
     connected, _ = await trusted.connect(timeout=5)
     assert connected
     await trusted.disconnect()
+
+
+async def test_a_socket_that_comes_while_its_instance_starts_waits_for_the_broker(
+    transactional_db, namespace, settings, users
+):
+    """A browser reconnects as soon as a restarted instance's port answers, before /readyz does:
+    its first frames must not be refused as "unavailable" because the bridge is still connecting."""
+    from consumers_app.bridge import get_bridge, reset_bridge
+    from tests.support.broker import delete_namespace
+
+    await reset_bridge()  # a new process: no bridge yet; the socket starts it
+    try:
+        communicator, welcome = await connect("bob")
+        answer = await request(communicator, {"type": "subscribe", "topic": "orders", "ref": "s1"})
+        assert answer["type"] == "subscribed", answer
+        assert get_bridge().ready
+        await communicator.disconnect()
+    finally:
+        await reset_bridge()
+        await delete_namespace(namespace, [settings.RT_INSTANCE_ID])
