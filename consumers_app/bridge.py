@@ -65,8 +65,10 @@ class InstanceBridge:
         self.bindings = Bindings()
         self._default: AbstractExchange | None = None
         self._start_task: asyncio.Task | None = None
+        self._starting_since = 0.0  # loop time of ensure_started
         self._account_watch: asyncio.Task | None = None
         self._started = asyncio.Event()
+        self._unreachable = asyncio.Event()  # a first round of connection attempts failed
         self._stop = asyncio.Event()
         self._recent: OrderedDict[str, None] = OrderedDict()
 
@@ -76,6 +78,7 @@ class InstanceBridge:
         """Start connecting in the running loop, once."""
         if self._start_task is None:
             self.loop = asyncio.get_running_loop()
+            self._starting_since = self.loop.time()
             self._start_task = self.loop.create_task(self._start(), name="bridge-start")
 
     @property
@@ -87,10 +90,21 @@ class InstanceBridge:
             and self.connection.connected.is_set()
         )
 
-    @property
-    def started(self) -> bool:
-        """It has connected and consumed its queue once (a later outage does not undo this)."""
-        return self._started.is_set()
+    async def wait_started(self, within: float) -> None:
+        """Wait until it has connected and consumed its queue once, unless the broker did not
+        answer its first attempts, and at most until `within` seconds after it began starting
+        (a broker down at start delays nothing past that; a later outage, nothing at all)."""
+        self.ensure_started()
+        assert self.loop is not None
+        left = self._starting_since + within - self.loop.time()
+        if left <= 0 or self._started.is_set() or self._unreachable.is_set():
+            return
+        waits = [asyncio.ensure_future(self._started.wait()), asyncio.ensure_future(self._unreachable.wait())]
+        try:
+            await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def wait_ready(self, timeout: float) -> bool:
         self.ensure_started()
@@ -102,7 +116,7 @@ class InstanceBridge:
 
     async def _start(self) -> None:
         await self.presence.begin()
-        self.connection = await broker.connect(self._stop)
+        self.connection = await broker.connect(self._stop, self._unreachable)
         self.connection.close_callbacks.add(self._on_connection_lost)
         self.connection.reconnect_callbacks.add(self._on_reconnected)
 

@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 # socket that sends anything else first, or nothing, gets them live then.
 RESUME_WINDOW_SECONDS = 2.0
 # A socket that comes while its instance is still starting (a browser reconnects as soon as the
-# port answers, before /readyz does) waits this long at most for the broker connection, so its
-# first frames (resume, subscribe, send) are not refused as "unavailable".
-STARTING_WAIT_SECONDS = 10.0
+# port answers, before /readyz does) waits for the broker connection, up to this long after the
+# instance began connecting, so its first frames (resume, subscribe, send) are not refused as
+# "unavailable". A broker that refused the first attempts delays no socket.
+STARTING_WAIT_SECONDS = 3.0
 
 
 class RealtimeConsumer(AsyncWebsocketConsumer):
@@ -95,8 +96,7 @@ class RealtimeConsumer(AsyncWebsocketConsumer):
         self.max_frame_bytes = settings.RT_MAX_FRAME_BYTES
         self.max_subscriptions = settings.RT_MAX_SUBSCRIPTIONS
         self.bridge = ensure_bridge()
-        if not self.bridge.started:
-            await self.bridge.wait_ready(STARTING_WAIT_SECONDS)
+        await self.bridge.wait_started(STARTING_WAIT_SECONDS)
         await self.accept()
         self.outbound = Outbound(
             self.base_send,

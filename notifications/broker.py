@@ -153,9 +153,11 @@ def json_message(
     )
 
 
-async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection:
+async def connect(
+    stop: asyncio.Event | None = None, unreachable: asyncio.Event | None = None
+) -> AbstractRobustConnection:
     """Connect to a node of `AMQP_URL` that answers, retrying with capped, jittered backoff until
-    one does (or `stop`).
+    one does (or `stop`); `unreachable` is set once a round of every node failed.
 
     With several nodes (comma-separated), each round tries every node once, beginning at a random
     one so that the processes of a deployment spread over the cluster; the connection then moves
@@ -192,6 +194,8 @@ async def connect(stop: asyncio.Event | None = None) -> AbstractRobustConnection
                 f" (node {index + 1} of {len(nodes)})" if len(nodes) > 1 else "",
             )
             return connection
+        if unreachable is not None:
+            unreachable.set()
         try:
             await backoff.wait(stop)
         except Stopped:
