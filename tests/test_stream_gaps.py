@@ -9,10 +9,9 @@ in order, with no later message needed to show it.
 
 import asyncio
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import pytest
 from channels.db import database_sync_to_async
 from django.db import transaction
@@ -21,31 +20,10 @@ from consumers_app import streams as streams_module
 from consumers_app.registry import SocketRegistry
 from consumers_app.streams import StreamState, StreamTracker
 from notifications.services.messages import broker_body, create_message
+from tests.support.stream_sockets import FakeSocket, NoLog
 from tests.support.waiting import eventually
 
 WITHIN = 10.0  # seconds for a gap fill (0.2 s wait, then a read) on two busy cores
-
-
-@dataclass(eq=False)
-class FakeSocket:
-    connection_id: str
-    user_id: int
-    frames: list = field(default_factory=list)
-
-    def deliver(self, frame: bytes, wire: bytes | None = None) -> bool:
-        self.frames.append(orjson.loads(frame))
-        return True
-
-    async def close_with(self, code: int, reason: str) -> None:
-        pass
-
-    def seqs(self) -> list[int]:
-        return [frame["seq"] for frame in self.frames]
-
-
-class NoLog:
-    def record_deliveries(self, *args: Any) -> None:
-        pass
 
 
 @dataclass

@@ -5,36 +5,13 @@ database; filling a gap from the database is covered by the black-box tests.
 """
 
 import uuid
-from dataclasses import dataclass, field
 
-import orjson
 import pytest
 
 from consumers_app.registry import SocketRegistry
 from consumers_app.streams import Catchup, StreamState, StreamTracker
 from notifications.services.streams import Recovery
-
-
-@dataclass(eq=False)
-class FakeSocket:
-    connection_id: str
-    user_id: int
-    frames: list = field(default_factory=list)
-
-    def deliver(self, frame: bytes, wire: bytes | None = None) -> bool:
-        self.frames.append(orjson.loads(frame))
-        return True
-
-    async def close_with(self, code: int, reason: str) -> None:
-        pass
-
-    def seqs(self) -> list[int]:
-        return [frame["seq"] for frame in self.frames]
-
-
-class NoLog:
-    def record_deliveries(self, *args) -> None:
-        pass
+from tests.support.stream_sockets import FakeSocket, NoLog
 
 
 def body(seq: int, stream: str = "topic:t", epoch: str = "e1") -> dict:
