@@ -192,11 +192,19 @@ class StreamTracker:
 
     async def _fill_gap(self, state: StreamState) -> None:
         state.gap_timer = None
-        if self.states.get(state.name) is not state or not state.early or state.next_seq is None:
+        await self._read_on(state)
+
+    async def _read_on(self, state: StreamState) -> None:
+        """The read the stream needs now, if any: to its end if a resync asked for it (`refill`),
+        else up to its first waiting message. None while another read is in flight: that one
+        reads on after itself."""
+        if self.states.get(state.name) is not state or state.next_seq is None or state.filling:
             return
-        if state.filling:
-            return  # the read in flight waits for the gap again after it, if it is still open
-        await self._fill(state, before=min(state.early))
+        if state.refill:
+            state.refill = False
+            await self._fill(state, before=None)
+        elif state.early:
+            await self._fill(state, before=min(state.early))
 
     async def resync(self) -> None:
         """Deliver what the database has and this instance has not seen, on every stream here.
@@ -271,9 +279,8 @@ class StreamTracker:
         ):
             self._skip_gap(state, "not kept in the database")
         self._drain(state)
-        if state.refill and self.states.get(state.name) is state:
-            state.refill = False
-            await self._fill(state, before=None)
+        if state.refill:
+            await self._read_on(state)
         elif state.early:
             self._expect_gap(state)
 
@@ -283,17 +290,9 @@ class StreamTracker:
         if to_end:
             state.refill = True
         loop = asyncio.get_running_loop()
-
-        async def again() -> None:
-            if self.states.get(state.name) is not state or state.next_seq is None or state.filling:
-                return  # gone, or a read in flight (it reads on to the end if `refill`)
-            if state.refill:
-                state.refill = False
-                await self._fill(state, before=None)
-            elif state.early:
-                await self._fill(state, before=min(state.early))
-
-        loop.call_later(FILL_RETRY_SECONDS, lambda: loop.create_task(again(), name=f"refill-{state.name}"))
+        loop.call_later(
+            FILL_RETRY_SECONDS, lambda: loop.create_task(self._read_on(state), name=f"refill-{state.name}")
+        )
 
     def _skip_gap(self, state: StreamState, why: str) -> None:
         first = min(state.early)

@@ -294,7 +294,7 @@ class Together:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # messages in a group at most (at least one request)
-        self.waiting: list[tuple[Flow, asyncio.Future[dict[str, Any]]]] = []
+        self.waiting: list[Waiting] = []
         self.storing = False
         self.tasks: set[asyncio.Task[None]] = set()
 
