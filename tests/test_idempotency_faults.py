@@ -7,12 +7,15 @@ that failed at that moment would.
 import datetime
 import json
 
+import httpx
 import pytest
 from channels.db import database_sync_to_async
+from django.core.asgi import get_asgi_application
 from django.db import connection
 from django.test import AsyncClient
 from django.utils import timezone
 
+from notifications.api.fast_publish import FastPublish
 from notifications.models import IdempotencyKey, Message
 from notifications.services import idempotency
 from tests.test_consumer import connect, request
@@ -39,30 +42,36 @@ def _sql(statement: str) -> None:
         cursor.execute(statement)
 
 
-async def _post(user, body, key):
-    return await AsyncClient(raise_request_exception=False).post(
-        "/api/v1/messages/",
-        data=json.dumps(body),
-        content_type="application/json",
-        headers={"Authorization": f"Token {user.token}", "Idempotency-Key": key},
-    )
+async def _post(user, body, key, via="view"):
+    """POST through the DRF view (Django's test client) or through the fast path in front of it."""
+    headers = {"Authorization": f"Token {user.token}", "Idempotency-Key": key}
+    if via == "view":
+        return await AsyncClient(raise_request_exception=False).post(
+            "/api/v1/messages/", data=json.dumps(body), content_type="application/json", headers=headers
+        )
+    app = FastPublish(get_asgi_application())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as http:
+        return await http.post("/api/v1/messages/", json=body, headers=headers)
 
 
-async def test_a_retry_after_a_failed_confirm_record_publishes_nothing_new(users):
+@pytest.mark.parametrize("via", ["view", "fast path"])
+async def test_a_retry_after_a_failed_confirm_record_publishes_nothing_new(users, via):
     bob, _ = await connect("bob")
     assert (await request(bob, {"type": "subscribe", "topic": "orders"}))["type"] == "subscribed"
     body = {"topic": "orders", "event": "e", "payload": {"n": 1}}
 
     await database_sync_to_async(_sql)(REFUSE_CONFIRM)
     try:
-        first = await _post(users["alice"], body, "k-fault")
+        first = await _post(users["alice"], body, "k-fault", via)
         assert first.status_code == 500, first.content
         assert "Traceback" not in first.content.decode()
     finally:
         await database_sync_to_async(_sql)(ALLOW_CONFIRM)
     delivered = await bob.receive_json_from(timeout=5)  # the broker had it: it was delivered
 
-    again = await _post(users["alice"], body, "k-fault")
+    again = await _post(users["alice"], body, "k-fault", via)
     assert again.status_code == 202, again.content
     assert again.json()["id"] == delivered["id"]
     assert await bob.receive_nothing(timeout=0.5)

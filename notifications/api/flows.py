@@ -5,13 +5,14 @@ numbered in one transaction. `publish` (async, on the event loop): confirmed by 
 `finish` (sync, one database hop): record the outcome and build the answer. The DRF views run the
 sync steps in their request thread; `fast_publish` runs each in one `database_sync_to_async` hop.
 Errors are DRF's exceptions (APIException), so both paths answer with the same shapes.
-(Single and batch publishes, alone or grouped: four flows of the same three steps.)
+(Single and batch publishes, alone or grouped: one set of group functions, which a request
+alone runs with a group of one, `AloneSteps`.)
 """
 
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -30,16 +31,14 @@ from notifications.api.serializers import (
 )
 from notifications.broker import BrokerUnavailable
 from notifications.models import IdempotencyKey, Message
-from notifications.services import idempotency, pg_arrays, streams
+from notifications.services import idempotency, pg_arrays
 from notifications.services.messages import (
     batch_id_range,
     batch_ids,
     mark_batch_failed,
-    mark_failed,
     mark_published,
     new_message,
     publish_many,
-    publish_now,
     store_messages,
 )
 
@@ -137,7 +136,42 @@ def validated(
     return None, serializer.errors
 
 
-class PublishOne:
+class AloneSteps:
+    """`accept`, `publish` and `finish` of one request on its own (the DRF views): the group
+    functions below with a group of one, so a request alone and one grouped on the fast path go
+    through the same code."""
+
+    error: APIException | None
+    result: dict[str, Any] | None
+
+    def accept(self) -> None:
+        """Validate (DRF's 400, or 413 for a payload), claim the Idempotency-Key, and store the
+        message(s) numbered in one transaction: one numbering statement, one COPY (sync)."""
+        accept_together([cast("Flow", self)])
+        if self.error is not None:
+            raise self.error
+
+    async def publish(self) -> None:
+        """Publish what was stored, several per broker message, each confirmed (async)."""
+        await publish_together([cast("Flow", self)])
+
+    def finish(self) -> dict[str, Any]:
+        """Record what the broker confirmed; the 202's answer, or raise the 503 (sync).
+
+        A single publish, or a batch none of whose messages the broker confirmed, is `failed`
+        (seqs given back where nothing was sent), its key forgotten, its answer a 503. A batch
+        confirmed in part keeps the rest `accepted` (the sweeper publishes them; web instances
+        fill the gap from the database sooner) and answers 202: every message is durably
+        accepted.
+        """
+        finish_together([cast("Flow", self)])
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class PublishOne(AloneSteps):
     """`POST /api/v1/messages/`."""
 
     def __init__(self, user: User, body: Any, key: str | None, *, plain: Any = None) -> None:
@@ -212,63 +246,8 @@ class PublishOne:
         assert self.message is not None
         return message_record(self.message, self.recipient, times)
 
-    def accept(self) -> None:
-        """Validate, claim the key, store the message numbered in its stream (sync)."""
-        fields = self.check(_users_named(self.recipient_names()))
-        self.claim_or_replay()
-        if self.answer is not None:
-            return
-        record = self.record
-        try:
-            with transaction.atomic():
-                message = message_from(fields, self.user)
-                if record is not None:
-                    # Committed with the message: from here on a retry can only find this one.
-                    idempotency.attach(record, message)
-                streams.number([message])  # last: the stream stays locked until the commit
-                message.save(force_insert=True)
-                self.message = message
-        except BaseException:
-            self.message = None
-            if record is not None:
-                idempotency.release(record)
-            raise
 
-    async def publish(self) -> None:
-        """Publish the stored message, confirmed (async, on the event loop)."""
-        if self.message is None:
-            return
-        try:
-            await publish_now(self.message)
-        except BrokerUnavailable as exc:
-            self.failure = exc
-
-    def finish(self) -> dict[str, Any]:
-        """Record the broker's answer; the 202's record, or raise the 503 (sync)."""
-        if self.answer is not None:
-            return self.answer
-        message = self.message
-        assert message is not None, "accept() first"
-        record = self.record
-        if self.failure is not None:
-            exc = self.failure
-            try:
-                mark_failed(message, f"broker unavailable: {exc}", sent=exc.maybe_taken)
-            finally:
-                if record is not None:
-                    idempotency.release(record)
-            raise BrokerUnavailableError()
-        try:
-            mark_published([message])
-        finally:
-            # Whatever failed after the broker took it (recording the confirm, say), the key
-            # stays with this message: a retry answers with it and publishes nothing.
-            if record is not None:
-                idempotency.complete(record, message)
-        return message_record(message, self.recipient)
-
-
-class PublishBatch:
+class PublishBatch(AloneSteps):
     """`POST /api/v1/messages/batch/`: all or nothing, one transaction, a few broker messages.
 
     Alone (the DRF view: `accept`, `publish`, `finish`) or grouped with other requests (the fast
@@ -378,31 +357,6 @@ class PublishBatch:
                 for message, recipient in zip(self.messages, self.recipients, strict=True)
             ]
         }
-
-    def accept(self) -> None:
-        """Validate every item (a 400 lists each item's errors), claim the key, store them all
-        numbered in one transaction: one numbering statement, one COPY (sync)."""
-        accept_together([self])
-        if self.error is not None:
-            raise self.error
-
-    async def publish(self) -> None:
-        """Publish them all, several per broker message, each confirmed (async)."""
-        await publish_together([self])
-
-    def finish(self) -> dict[str, Any]:
-        """Record what the broker confirmed; the 202's records in request order, or the 503 (sync).
-
-        All confirmed: all `published`. None confirmed: all `failed`, seqs given back, key
-        forgotten, 503. Some confirmed (the broker went away mid-batch): those are `published`,
-        the others stay `accepted` (stored, so the sweeper publishes them; web instances fill the
-        gap from the database sooner), and the answer is 202: every message is durably accepted.
-        """
-        finish_together([self])
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
 
 
 def batch_records(user: User, first: Message) -> list[dict[str, Any]]:
@@ -526,12 +480,27 @@ def finish_together(flows: Sequence[Flow]) -> None:
     if confirmed:
         # One commit, which need not wait for the disk (see mark_published): a key left
         # unfinished by a crash is completed by its next claim, since its message is not failed.
-        with transaction.atomic():
-            mark_published(confirmed)
-            idempotency.complete_many(completed)
+        try:
+            with transaction.atomic():
+                mark_published(confirmed)
+                idempotency.complete_many(completed)
+        except Exception:
+            # Whatever failed after the broker took them (recording the confirm, say), the keys
+            # stay with their messages: a retry answers with them and publishes nothing.
+            _complete_keys_after_failure(completed)
+            raise
     times: dict[Any, str | None] = {}
     for flow in flows:
         if flow.answer is not None:
             flow.result = flow.answer
         elif flow.error is None and flow.stored():
             flow.result = flow.answer_records(times)
+
+
+def _complete_keys_after_failure(records: list[IdempotencyKey]) -> None:
+    """Complete the keys on their own when recording the confirm failed; if that fails too (the
+    database is down), their next claim completes them once they are no longer in flight."""
+    try:
+        idempotency.complete_many(records)
+    except Exception as exc:
+        logger.warning("could not complete %d Idempotency-Keys after a failed record: %s", len(records), exc)

@@ -108,7 +108,7 @@ class MessageCreateView(APIView):
             )
         flow = PublishOne(request.user, request.data, request.headers.get("Idempotency-Key"))
         flow.accept()
-        if flow.message is not None:
+        if flow.stored():
             async_to_sync(flow.publish)()
         return Response(flow.finish(), status=status.HTTP_202_ACCEPTED)
 
@@ -141,7 +141,7 @@ class MessageBatchView(APIView):
             raise PayloadTooLarge(f"A batch request is limited to {BATCH_MAX_BYTES} bytes.")
         flow = PublishBatch(request.user, request.data, request.headers.get("Idempotency-Key"))
         flow.accept()
-        if flow.messages:
+        if flow.stored():
             async_to_sync(flow.publish)()
         return Response(flow.finish(), status=status.HTTP_202_ACCEPTED)
 

@@ -226,23 +226,6 @@ def publish_from_web(message: Message) -> Message:
     return message
 
 
-async def publish_now(message: Message) -> None:
-    """Publish one stored message from the event loop (the fast API path), confirmed, with no
-    thread hop; raise BrokerUnavailable. The caller records the outcome (`mark_published`, or
-    `mark_failed` with `sent=exc.maybe_taken`) in its own database hop."""
-    message.published_at = timezone.now()
-    started = time.perf_counter()
-    try:
-        body = broker_body(message)
-        await publishing.current().publish_message(body, str(message.id), routing_key(body))
-    except BrokerUnavailable as exc:
-        metrics.publish_failures.inc()
-        logger.warning("message %s not published: %s", message.id, exc)
-        raise
-    metrics.publish_latency.observe(time.perf_counter() - started)
-    metrics.messages_published.inc()
-
-
 # --- batches (POST /api/v1/messages/batch/) ---------------------------------------------------
 
 # A batch travels several messages per broker message (`{"messages": [...]}`, which every web
