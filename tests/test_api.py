@@ -8,6 +8,7 @@ from channels.db import database_sync_to_async
 from django.test import AsyncClient
 
 from notifications.models import IdempotencyKey, Message
+from tests.support.records import MESSAGE_RECORD_FIELDS
 
 pytestmark = pytest.mark.usefixtures("bridge")
 
@@ -37,20 +38,7 @@ async def test_publish_answers_202_with_the_published_record(users):
     )
     assert response.status_code == 202, response.content
     record = response.json()
-    assert set(record) == {
-        "id",
-        "topic",
-        "user",
-        "broadcast",
-        "event",
-        "payload",
-        "status",
-        "created_at",
-        "published_at",
-        "deliveries",
-        "stream",
-        "seq",
-    }
+    assert set(record) == MESSAGE_RECORD_FIELDS
     assert record["status"] == "published"
     assert (record["stream"], record["seq"]) == ("topic:orders", 1)
     assert (record["topic"], record["user"], record["broadcast"]) == ("orders", None, False)

@@ -22,24 +22,11 @@ from notifications.api import fast_publish
 from notifications.api.fast_publish import FastPublish
 from notifications.models import IdempotencyKey, Message, Stream
 from notifications.services.idempotency import request_hash
+from tests.support.records import MESSAGE_RECORD_FIELDS
 
 pytestmark = pytest.mark.usefixtures("bridge")
 
 URL = "http://testserver/api/v1/messages/"
-RECORD_FIELDS = {
-    "id",
-    "topic",
-    "user",
-    "broadcast",
-    "event",
-    "payload",
-    "status",
-    "created_at",
-    "published_at",
-    "deliveries",
-    "stream",
-    "seq",
-}
 
 
 class NotDjango:
@@ -99,7 +86,7 @@ async def test_a_token_publish_is_served_without_django_and_answers_like_the_vie
     assert django.calls == 0
     assert response.status_code == 202, response.content
     record = response.json()
-    assert set(record) == RECORD_FIELDS
+    assert set(record) == MESSAGE_RECORD_FIELDS
     assert record["status"] == "published" and record["deliveries"] == []
     assert (record["stream"], record["seq"], record["topic"], record["user"]) == (
         "topic:orders",
