@@ -269,6 +269,11 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # Messages and inbound frames both have a `status`, with different choices: named apart.
+    "ENUM_NAME_OVERRIDES": {
+        "MessageStatusEnum": "notifications.models.Message.Status",
+        "InboundStatusEnum": "notifications.models.InboundFrame.Status",
+    },
 }
 
 # --- Realtime (CONTRACT §1) ---------------------------------------------------------------

@@ -3,19 +3,20 @@
 from typing import cast
 
 from django.contrib.auth.models import User
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from notifications import selectors
+from notifications.api.serializers import TopicField
 from notifications.services import presence
 from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
 
 
 class PresenceQuerySerializer(serializers.Serializer):
-    topic = serializers.CharField(max_length=200)
+    topic = TopicField()
 
     def validate_topic(self, value: str) -> str:
         if not is_valid_topic_name(value):
@@ -35,8 +36,12 @@ class PresenceSerializer(serializers.Serializer):
 
 class PresenceView(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("topic", str, required=True)],
-        responses={200: PresenceSerializer, 400: OpenApiResponse(), 403: OpenApiResponse()},
+        parameters=[PresenceQuerySerializer],
+        responses={
+            200: PresenceSerializer,
+            400: OpenApiResponse(description="No topic, or not a topic name"),
+            403: OpenApiResponse(description="You may not subscribe to this topic"),
+        },
         summary="Who is subscribed to a topic now, on every instance",
     )
     def get(self, request):

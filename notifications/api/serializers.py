@@ -5,12 +5,13 @@ import re
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from notifications.models import Delivery, InboundFrame, Message
 from notifications.services.payloads import PayloadRejected, check_payload, may_hold_rounded_integers
 from notifications.services.streams import wire_name
-from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
+from notifications.services.topics import TOPIC_MAX_LENGTH, TOPIC_PATTERN, TOPIC_RULE, is_valid_topic_name
 
 EVENT_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,100}$")
 
@@ -221,8 +222,19 @@ class MessageSerializer(StreamMessageSerializer):
         fields = [*StreamMessageSerializer.Meta.fields, "deliveries"]
 
 
+@extend_schema_field(
+    {"type": "string", "minLength": 1, "maxLength": TOPIC_MAX_LENGTH, "pattern": TOPIC_PATTERN.pattern}
+)
+class TopicField(serializers.CharField):
+    """A topic name in a query: the OpenAPI schema states its rule (the view checks it, and
+    answers 400 with `TOPIC_RULE`), so that generated clients and fuzzers know it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(max_length=TOPIC_MAX_LENGTH, **kwargs)
+
+
 class HistoryQuerySerializer(serializers.Serializer):
-    topic = serializers.CharField(required=False, max_length=200)
+    topic = TopicField(required=False)
     user = serializers.ChoiceField(required=False, choices=["me"])
     since = serializers.IntegerField(required=False, default=0, min_value=0, max_value=2**63 - 1)
     limit = serializers.IntegerField(required=False, default=100, min_value=1, max_value=1000)

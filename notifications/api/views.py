@@ -7,7 +7,7 @@ from typing import cast
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth.models import User
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.generics import RetrieveAPIView
@@ -152,6 +152,10 @@ def max_single_request_bytes() -> int:
     return settings.RT_MAX_PAYLOAD_BYTES + REQUEST_OVERHEAD_BYTES
 
 
+NOT_VISIBLE = OpenApiResponse(description="No such record, or not one you may read")
+
+
+@extend_schema_view(get=extend_schema(responses={200: MessageSerializer, 404: NOT_VISIBLE}))
 class MessageDetailView(RetrieveAPIView):
     serializer_class = MessageSerializer
 
@@ -159,6 +163,7 @@ class MessageDetailView(RetrieveAPIView):
         return selectors.visible_messages(cast(User, self.request.user))  # IsAuthenticated
 
 
+@extend_schema_view(get=extend_schema(responses={200: InboundFrameSerializer, 404: NOT_VISIBLE}))
 class InboundDetailView(RetrieveAPIView):
     serializer_class = InboundFrameSerializer
 
