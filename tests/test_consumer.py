@@ -31,11 +31,14 @@ async def request(communicator: WebsocketCommunicator, frame) -> dict:
 
 
 async def publish(**fields) -> Message:
-    """Publish as the API does: record first, then a confirmed publish through the bridge."""
-    from notifications.services.messages import create_message, publish_from_web
+    """Publish as the API does: record first, then a confirmed publish through the bridge, then
+    the record of the confirm."""
+    from notifications.services.messages import create_message, mark_published, publish_many
 
     message = await database_sync_to_async(create_message)(**fields)
-    return await database_sync_to_async(publish_from_web)(message)
+    assert await publish_many([message]) == [], "the broker did not confirm"
+    await database_sync_to_async(mark_published)([message])
+    return message
 
 
 async def test_welcome_names_connection_instance_and_user(bridge, users):

@@ -11,13 +11,12 @@ import time
 import uuid
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
 from django.utils import timezone
 
 from notifications import broker, metrics, publishing
-from notifications.broker import BrokerUnavailable, routing_key
+from notifications.broker import BrokerUnavailable
 from notifications.models import InboundFrame, Message, clip_error
 from notifications.services import pg_arrays, pg_copy, streams
 
@@ -206,24 +205,6 @@ def mark_failed(message: Message, error: str, *, sent: bool = True) -> None:
         if updated and not sent and message.seq is not None:
             streams.give_back(message)
     message.status = Message.Status.FAILED
-
-
-def publish_from_web(message: Message) -> Message:
-    """Publish through this process's publisher (from a request thread); raise BrokerUnavailable."""
-    message.published_at = timezone.now()
-    started = time.perf_counter()
-    try:
-        body = broker_body(message)
-        async_to_sync(publishing.current().publish_message)(body, str(message.id), routing_key(body))
-    except BrokerUnavailable as exc:
-        metrics.publish_failures.inc()
-        logger.warning("message %s not published: %s", message.id, exc)
-        mark_failed(message, f"broker unavailable: {exc}", sent=exc.maybe_taken)
-        raise
-    metrics.publish_latency.observe(time.perf_counter() - started)
-    metrics.messages_published.inc()
-    mark_published([message])
-    return message
 
 
 # --- batches (POST /api/v1/messages/batch/) ---------------------------------------------------
