@@ -12,16 +12,10 @@ from rest_framework.views import APIView
 from notifications import selectors
 from notifications.api.serializers import TopicField
 from notifications.services import presence
-from notifications.services.topics import TOPIC_RULE, is_valid_topic_name
 
 
 class PresenceQuerySerializer(serializers.Serializer):
     topic = TopicField()
-
-    def validate_topic(self, value: str) -> str:
-        if not is_valid_topic_name(value):
-            raise serializers.ValidationError(f"A topic is {TOPIC_RULE}.")
-        return value
 
 
 class MemberSerializer(serializers.Serializer):
