@@ -1,5 +1,6 @@
-"""Stand-ins for a socket and the delivery log, for StreamTracker tests (tests/unit/test_stream_order.py,
-tests/test_stream_gaps.py): frames are kept as the JSON a client would read."""
+"""Stand-ins for a socket and the delivery log, for StreamTracker and SocketRegistry tests
+(tests/unit/test_stream_order.py, tests/test_stream_gaps.py, tests/unit/test_registry.py):
+frames are kept as the JSON a client would read."""
 
 from dataclasses import dataclass, field
 from typing import Any

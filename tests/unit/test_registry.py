@@ -1,22 +1,7 @@
 """consumers_app/registry.py: which local sockets each stream is delivered to."""
 
-from dataclasses import dataclass, field
-
 from consumers_app.registry import SocketRegistry
-
-
-@dataclass(eq=False)
-class FakeSocket:
-    connection_id: str
-    user_id: int
-    frames: list = field(default_factory=list)
-
-    def deliver(self, frame: bytes, wire: bytes | None = None) -> bool:
-        self.frames.append(frame)
-        return True
-
-    async def close_with(self, code: int, reason: str) -> None:
-        pass
+from tests.support.stream_sockets import FakeSocket
 
 
 def setup_registry():
