@@ -6,9 +6,10 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import connection
 from django.test import AsyncClient
 
-from notifications.models import IdempotencyKey, Message
+from notifications.models import Delivery, IdempotencyKey, Message
 from notifications.services.topics import TOPIC_PATTERN
 from tests.support.records import MESSAGE_RECORD_FIELDS
 
@@ -146,6 +147,57 @@ async def test_message_record_is_visible_to_its_publisher_and_staff_only(users):
     assert (await get(users["staff"], url)).status_code == 200
     assert (await get(users["bob"], url)).status_code == 404
     assert (await get(users["alice"], f"/api/v1/messages/{uuid.uuid4()}/")).status_code == 404
+
+
+def _deliver_to(message_id: str, username: str) -> None:
+    from django.contrib.auth.models import User
+    from django.utils import timezone
+
+    user = User.objects.get(username=username)
+    Delivery.objects.create(
+        message_id=message_id, user=user, connection="c-1", instance="web-1", delivered_at=timezone.now()
+    )
+
+
+async def test_deleting_a_user_or_message_through_django_still_clears_their_links(users):
+    """The links of messages and deliveries are not checked by the database (models.UNCHECKED):
+    Django's own `on_delete` must still apply when a user or message is deleted."""
+    from django.contrib.auth.models import User
+
+    created = (await post(users["alice"], {"user": "bob", "event": "notice"})).json()
+    await database_sync_to_async(_deliver_to)(created["id"], "bob")
+    await database_sync_to_async(User.objects.filter(username="bob").delete)()
+    message = await database_sync_to_async(Message.objects.get)(pk=created["id"])
+    delivery = await database_sync_to_async(Delivery.objects.get)(message_id=created["id"])
+    assert (message.user_id, delivery.user_id) == (None, None)
+    await database_sync_to_async(User.objects.filter(username="alice").delete)()
+    assert (await database_sync_to_async(Message.objects.get)(pk=created["id"])).publisher_id is None
+    await database_sync_to_async(Message.objects.filter(pk=created["id"]).delete)()
+    assert await count(Delivery) == 0
+
+
+def _remove_user_row(username: str) -> None:
+    """Delete the user's row as a concurrent deletion would leave it: under Django's nose."""
+    from django.contrib.auth.models import User
+
+    user_id = User.objects.get(username=username).pk
+    with connection.cursor() as cursor:
+        for table in ("authtoken_token", "auth_user_groups", "auth_user_user_permissions", "auth_user"):
+            column = "id" if table == "auth_user" else "user_id"
+            cursor.execute(f"DELETE FROM {table} WHERE {column} = %s", [user_id])
+
+
+async def test_a_record_whose_user_row_is_gone_reads_as_no_user(users):
+    """A user deleted while a message to them was being stored leaves a link to nothing: the
+    record still reads, with no user, rather than a 500."""
+    created = (await post(users["alice"], {"user": "bob", "event": "notice"})).json()
+    await database_sync_to_async(_deliver_to)(created["id"], "bob")
+    await database_sync_to_async(_remove_user_row)("bob")
+    response = await get(users["alice"], f"/api/v1/messages/{created['id']}/")
+    assert response.status_code == 200, response.content
+    record = response.json()
+    assert record["user"] is None
+    assert [delivery["user"] for delivery in record["deliveries"]] == [None]
 
 
 async def test_ticket_endpoint(users, settings):

@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from notifications.models import Delivery, InboundFrame, Message
+from notifications.models import Delivery, InboundFrame, Message, linked
 from notifications.services.payloads import PayloadRejected, check_payload, may_hold_rounded_integers
 from notifications.services.streams import wire_name
 from notifications.services.topics import TOPIC_MAX_LENGTH, TOPIC_PATTERN, TOPIC_RULE, is_valid_topic_name
@@ -181,7 +181,8 @@ class DeliverySerializer(serializers.ModelSerializer):
         fields = ["user", "connection", "instance", "delivered_at", "acked_at"]
 
     def get_user(self, delivery) -> str | None:
-        return delivery.user.get_username() if delivery.user_id else None
+        user = linked(delivery, "user")
+        return user.get_username() if user is not None else None
 
 
 class StreamMessageSerializer(serializers.ModelSerializer):
@@ -208,7 +209,8 @@ class StreamMessageSerializer(serializers.ModelSerializer):
         ]
 
     def get_user(self, message) -> str | None:
-        return message.user.get_username() if message.user_id else None
+        user = linked(message, "user")
+        return user.get_username() if user is not None else None
 
     def get_stream(self, message) -> str | None:
         """As frames name it: `topic:T`, `user` (the recipient's own) or `broadcast`."""

@@ -42,8 +42,9 @@ def _insert_deliveries(rows: list[DeliveryRow]) -> None:
         return
     except IntegrityError:
         pass
-    # A row already logged (a replayed batch) or a message this database does not know (published
-    # around the API): keep every row that can be kept.
+    # A row already logged (a replayed batch) fails the whole COPY: keep every row that can be
+    # kept, leaving out deliveries of messages this database does not know (published around the
+    # API; the link is not checked by the database, see models, so a COPY keeps them).
     known = set(Message.objects.filter(id__in={row[0] for row in rows}).values_list("id", flat=True))
     unknown = [row for row in rows if row[0] not in known]
     if unknown:
