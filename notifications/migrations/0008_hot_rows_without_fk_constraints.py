@@ -4,6 +4,10 @@ import django.db.models.deletion
 from django.conf import settings
 from django.db import migrations, models
 
+# The database stops checking these links (README, "Decisions": links PostgreSQL does not
+# check): each made every insert lock the row it names at commit. Dropping a constraint is
+# instant; going back re-adds and re-checks them over every row, under a lock.
+
 
 class Migration(migrations.Migration):
 
