@@ -7,6 +7,7 @@ from django.contrib.auth.models import User
 from django.urls import reverse
 
 from notifications.models import Delivery, InboundFrame, Message, Topic
+from tests.support.records import remove_user_row
 
 
 @pytest.fixture
@@ -49,6 +50,21 @@ def test_a_message_is_found_by_id_and_its_deliveries_by_user(admin_client, recor
     assert detail.status_code == 200 and "c-1" in detail.content.decode()
     dead = admin_client.get(reverse("admin:notifications_inboundframe_changelist"), {"status__exact": "dead"})
     assert str(frame.id) in dead.content.decode()
+
+
+def test_records_whose_user_row_is_gone_still_render(admin_client, records):
+    """A message and delivery naming a user deleted mid-publish (links the database does not
+    check) show no user, in the lists and on the message's page."""
+    message, _ = records
+    carol = User.objects.create_user("carol")
+    Message.objects.filter(pk=message.pk).update(user=carol, publisher=carol)
+    Delivery.objects.filter(message=message).update(user=carol)
+    remove_user_row("carol")
+    for model in ("message", "delivery"):
+        listed = admin_client.get(reverse(f"admin:notifications_{model}_changelist"))
+        assert listed.status_code == 200 and str(message.id) in listed.content.decode()
+    detail = admin_client.get(reverse("admin:notifications_message_change", args=[message.id]))
+    assert detail.status_code == 200 and "c-1" in detail.content.decode()
 
 
 def test_the_log_is_read_only(admin_client, records):

@@ -6,12 +6,11 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
-from django.db import connection
 from django.test import AsyncClient
 
 from notifications.models import Delivery, IdempotencyKey, Message
 from notifications.services.topics import TOPIC_PATTERN
-from tests.support.records import MESSAGE_RECORD_FIELDS
+from tests.support.records import MESSAGE_RECORD_FIELDS, remove_user_row
 
 pytestmark = pytest.mark.usefixtures("bridge")
 
@@ -176,23 +175,12 @@ async def test_deleting_a_user_or_message_through_django_still_clears_their_link
     assert await count(Delivery) == 0
 
 
-def _remove_user_row(username: str) -> None:
-    """Delete the user's row as a concurrent deletion would leave it: under Django's nose."""
-    from django.contrib.auth.models import User
-
-    user_id = User.objects.get(username=username).pk
-    with connection.cursor() as cursor:
-        for table in ("authtoken_token", "auth_user_groups", "auth_user_user_permissions", "auth_user"):
-            column = "id" if table == "auth_user" else "user_id"
-            cursor.execute(f"DELETE FROM {table} WHERE {column} = %s", [user_id])
-
-
 async def test_a_record_whose_user_row_is_gone_reads_as_no_user(users):
     """A user deleted while a message to them was being stored leaves a link to nothing: the
     record still reads, with no user, rather than a 500."""
     created = (await post(users["alice"], {"user": "bob", "event": "notice"})).json()
     await database_sync_to_async(_deliver_to)(created["id"], "bob")
-    await database_sync_to_async(_remove_user_row)("bob")
+    await database_sync_to_async(remove_user_row)("bob")
     response = await get(users["alice"], f"/api/v1/messages/{created['id']}/")
     assert response.status_code == 200, response.content
     record = response.json()
