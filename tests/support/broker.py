@@ -66,7 +66,7 @@ def wait_consumers(
 
 
 async def delete_namespace(namespace: str, instance_ids: list[str]) -> None:
-    """Delete the queues and exchange a deployment declared (the broker of the settings)."""
+    """Delete the queues and exchanges a deployment declared (the broker of the settings)."""
     from django.conf import settings
 
     from notifications.broker import Topology
@@ -80,11 +80,12 @@ async def delete_namespace(namespace: str, instance_ids: list[str]) -> None:
                 await channel.queue_delete(name)
             except aio_pika.exceptions.AMQPError:
                 pass
-        channel = await connection.channel()
-        try:
-            await channel.exchange_delete(topology.broadcast_exchange)
-        except aio_pika.exceptions.AMQPError:
-            pass
+        for exchange in (topology.broadcast_exchange, topology.route_exchange):
+            channel = await connection.channel()
+            try:
+                await channel.exchange_delete(exchange)
+            except aio_pika.exceptions.AMQPError:
+                pass
     finally:
         await connection.close()
 
