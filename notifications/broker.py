@@ -81,6 +81,9 @@ class Topology:
     def retry_queue(self, delay_seconds: int) -> str:
         return f"{self.namespace}.inbound.retry.{delay_seconds}s"
 
+    def all_exchange_names(self) -> list[str]:
+        return [self.broadcast_exchange, self.route_exchange]
+
     def all_queue_names(self, instance_ids: Iterable[str] = ()) -> list[str]:
         names = [self.inbound_queue, self.dead_queue]
         names += [self.retry_queue(delay) for delay in settings.RT_INBOUND_RETRY_DELAYS]

@@ -159,8 +159,8 @@ def _deliver_to(message_id: str, username: str) -> None:
 
 
 async def test_deleting_a_user_or_message_through_django_still_clears_their_links(users):
-    """The links of messages and deliveries are not checked by the database (models.UNCHECKED):
-    Django's own `on_delete` must still apply when a user or message is deleted."""
+    """The links of messages and deliveries are not checked by the database (models, "Unchecked
+    links"): Django's own `on_delete` must still apply when a user or message is deleted."""
     from django.contrib.auth.models import User
 
     created = (await post(users["alice"], {"user": "bob", "event": "notice"})).json()

@@ -4,22 +4,7 @@ deployment on the shared broker (each run's exchanges stayed behind before it de
 import aio_pika
 
 from notifications import broker
-from tests.support.broker import delete_namespace, queue_stats
-
-
-async def exchange_exists(name: str) -> bool:
-    from django.conf import settings
-
-    connection = await aio_pika.connect(settings.AMQP_URL)
-    try:
-        channel = await connection.channel()
-        try:
-            await channel.declare_exchange(name, passive=True)
-        except aio_pika.exceptions.ChannelClosed:
-            return False
-        return True
-    finally:
-        await connection.close()
+from tests.support.broker import delete_namespace, exchange_exists, queue_stats
 
 
 async def test_delete_namespace_removes_every_queue_and_exchange_a_deployment_declares(namespace, settings):
@@ -32,7 +17,7 @@ async def test_delete_namespace_removes_every_queue_and_exchange_a_deployment_de
         await broker.declare_instance_queue(channel, topology, instance)
     finally:
         await connection.close()
-    exchanges = [topology.broadcast_exchange, topology.route_exchange]
+    exchanges = topology.all_exchange_names()
     queues = topology.all_queue_names([instance])
     assert [await exchange_exists(name) for name in exchanges] == [True, True]
     assert None not in [await queue_stats(name) for name in queues]

@@ -173,6 +173,13 @@ def message_record(
     }
 
 
+def username_of(record: Any) -> str | None:
+    """The username of a record's `user`, or None if it has none or its row is gone
+    (`models.linked`)."""
+    user = linked(record, "user")
+    return user.get_username() if user is not None else None
+
+
 class DeliverySerializer(serializers.ModelSerializer):
     user = serializers.SerializerMethodField()
 
@@ -181,8 +188,7 @@ class DeliverySerializer(serializers.ModelSerializer):
         fields = ["user", "connection", "instance", "delivered_at", "acked_at"]
 
     def get_user(self, delivery) -> str | None:
-        user = linked(delivery, "user")
-        return user.get_username() if user is not None else None
+        return username_of(delivery)
 
 
 class StreamMessageSerializer(serializers.ModelSerializer):
@@ -209,8 +215,7 @@ class StreamMessageSerializer(serializers.ModelSerializer):
         ]
 
     def get_user(self, message) -> str | None:
-        user = linked(message, "user")
-        return user.get_username() if user is not None else None
+        return username_of(message)
 
     def get_stream(self, message) -> str | None:
         """As frames name it: `topic:T`, `user` (the recipient's own) or `broadcast`."""
@@ -282,7 +287,7 @@ class InboundFrameSerializer(serializers.ModelSerializer):
         ]
 
     def get_user(self, frame) -> str | None:
-        return frame.user.get_username() if frame.user_id else None
+        return username_of(frame)
 
 
 class TicketSerializer(serializers.Serializer):

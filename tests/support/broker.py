@@ -46,6 +46,20 @@ async def queue_stats(name: str, url: str | None = None) -> tuple[int, int] | No
         await connection.close()
 
 
+async def exchange_exists(name: str, url: str | None = None) -> bool:
+    """Whether an exchange is declared (default broker: settings)."""
+    connection = await aio_pika.connect(_amqp_url(url))
+    try:
+        channel = await connection.channel()
+        try:
+            await channel.declare_exchange(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return True
+    finally:
+        await connection.close()
+
+
 def wait_consumers(
     queue: str,
     count: int,
@@ -80,7 +94,7 @@ async def delete_namespace(namespace: str, instance_ids: list[str]) -> None:
                 await channel.queue_delete(name)
             except aio_pika.exceptions.AMQPError:
                 pass
-        for exchange in (topology.broadcast_exchange, topology.route_exchange):
+        for exchange in topology.all_exchange_names():
             channel = await connection.channel()
             try:
                 await channel.exchange_delete(exchange)

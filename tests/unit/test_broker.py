@@ -82,6 +82,7 @@ def test_topology_names(settings):
     settings.RT_INBOUND_RETRY_DELAYS = [1, 2, 4, 8]
     topology = Topology("ns1")
     assert topology.broadcast_exchange == "ns1.broadcast"
+    assert topology.all_exchange_names() == ["ns1.broadcast", "ns1.route"]
     assert topology.instance_queue("web-2") == "ns1.instance.web-2"
     assert topology.inbound_queue == "ns1.inbound"
     assert topology.dead_queue == "ns1.inbound.dead"
