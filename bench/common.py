@@ -84,6 +84,40 @@ def cpu_of(procs: list["Proc"]) -> float:
     return sum(cpu_seconds(p.pid) for p in procs if p.process is not None)
 
 
+# The services a deployment needs, by the name the kernel gives their processes (/proc/<pid>/comm).
+SERVICE_PROCESSES = {"postgres": "postgresql", "beam.smp": "rabbitmq", "redis-server": "redis"}
+
+
+def service_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this machine's PostgreSQL, RabbitMQ and Redis, each as a whole:
+    every process of it (PostgreSQL's backends, WAL writer and autovacuum; the broker's
+    schedulers) and the children it has reaped (a backend whose connection closed).
+
+    A benchmark's throughput on a busy machine is bounded by all the CPU a message or frame
+    costs, the services' share included; the services are the machine's, so the figure is only
+    meaningful while nothing else uses them (as on a benchmark machine).
+    """
+    totals = dict.fromkeys(SERVICE_PROCESSES.values(), 0.0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            service = SERVICE_PROCESSES.get(Path(entry.path, "comm").read_text().strip())
+            if service is None:
+                continue
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, then cutime and cstime (children waited for), fields 14-17 of stat.
+        totals[service] += sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return totals
+
+
+def service_cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """What each service spent since `before` (a `service_cpu()` reading)."""
+    return {name: seconds - before.get(name, 0.0) for name, seconds in service_cpu().items()}
+
+
 def open_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))

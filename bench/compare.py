@@ -63,6 +63,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             "rtt_p99_ms": "round trip p99 ms",
             "receipt_p50_ms": "send -> receipt p50 ms",
             "cpu_ms_per_echo": "CPU ms/echo (webs+workers)",
+            "total_cpu_ms_per_echo": "CPU ms/echo (+ PostgreSQL, broker)",
             "lost": "lost echoes",
             "duplicates": "duplicate echoes",
             "worker_1_share_pct": "worker-1 share %",

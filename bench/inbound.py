@@ -7,8 +7,11 @@ Every socket belongs to its own user (an echo goes to the sender's user). Each s
 most --window frames waiting for their echo (0: sends all F at once). The servers run with
 RT_SOCKET_RATE raised (default 100000 frames/s) so the per-socket rate limit does not throttle
 the benchmark. Measured: echoes/s from the first send to the last echo, round trip (send ->
-echo) percentiles, lost and duplicated echoes (each receipt id must get exactly one echo), and
-which worker processed how many frames.
+echo) percentiles, lost and duplicated echoes (each receipt id must get exactly one echo),
+which worker processed how many frames, and the CPU an echo costs: the web instances', the
+workers', and the services' (PostgreSQL and the broker, every process of each: see
+`common.service_cpu`). The machine is saturated in this benchmark, so echoes/s is about its
+cores over the CPU per echo of all of them, and the split shows where a change saved or cost.
 """
 
 import argparse
@@ -48,6 +51,10 @@ LABELS = {
     "cpu_ms_per_echo": "CPU ms per echo (webs + workers)",
     "web_cpu_ms_per_echo": "  of which web instances",
     "worker_cpu_ms_per_echo": "  of which workers",
+    "services_cpu_ms_per_echo": "CPU ms per echo of the services",
+    "pg_cpu_ms_per_echo": "  of which PostgreSQL",
+    "broker_cpu_ms_per_echo": "  of which the broker (RabbitMQ or Redis)",
+    "total_cpu_ms_per_echo": "CPU ms per echo, all the above",
     "worker_1_share_pct": "worker-1 share %",
     "worker_2_share_pct": "worker-2 share %",
 }
@@ -86,6 +93,7 @@ def run_inbound(args: argparse.Namespace, db_url: str | None, users: dict[str, A
         log(f"{opened} sockets open; each sends {args.frames} echo frames (window {args.window})")
         web_before = common.cpu_of(deployment.webs)
         worker_before = common.cpu_of(deployment.workers)
+        services_before = common.service_cpu()
         pool.send(
             "go",
             {
@@ -98,12 +106,24 @@ def run_inbound(args: argparse.Namespace, db_url: str | None, users: dict[str, A
         results = pool.collect("result", args.phase_timeout + 60)
         web_cpu = common.cpu_of(deployment.webs) - web_before
         worker_cpu = common.cpu_of(deployment.workers) - worker_before
+        services = common.service_cpu_since(services_before)
+        pg_cpu, broker_cpu = services["postgresql"], services["rabbitmq"] + services["redis"]
         metrics, receipt_ids, workers = analyse(results)
         if metrics["echoes"]:
-            metrics["cpu_ms_per_echo"] = round((web_cpu + worker_cpu) / metrics["echoes"] * 1000, 2)
-            metrics["web_cpu_ms_per_echo"] = round(web_cpu / metrics["echoes"] * 1000, 2)
-            metrics["worker_cpu_ms_per_echo"] = round(worker_cpu / metrics["echoes"] * 1000, 2)
-        notes.append(f"CPU s during the run: webs {web_cpu:.1f}, workers {worker_cpu:.1f}")
+            per_echo = 1000 / metrics["echoes"]
+            metrics["cpu_ms_per_echo"] = round((web_cpu + worker_cpu) * per_echo, 2)
+            metrics["web_cpu_ms_per_echo"] = round(web_cpu * per_echo, 2)
+            metrics["worker_cpu_ms_per_echo"] = round(worker_cpu * per_echo, 2)
+            metrics["services_cpu_ms_per_echo"] = round((pg_cpu + broker_cpu) * per_echo, 2)
+            metrics["pg_cpu_ms_per_echo"] = round(pg_cpu * per_echo, 2)
+            metrics["broker_cpu_ms_per_echo"] = round(broker_cpu * per_echo, 2)
+            metrics["total_cpu_ms_per_echo"] = round(
+                (web_cpu + worker_cpu + pg_cpu + broker_cpu) * per_echo, 2
+            )
+        notes.append(
+            f"CPU s during the run: webs {web_cpu:.1f}, workers {worker_cpu:.1f}, "
+            f"PostgreSQL {pg_cpu:.1f}, broker {broker_cpu:.1f}"
+        )
         metrics["sockets"] = opened
         if args.target == "project":
             records = frame_records(deployment.env, receipt_ids)

@@ -13,7 +13,8 @@ Single mode: `--requests` POSTs of one message to one topic by `--concurrency` c
 Batch mode (project only): `--requests` POSTs to `/api/v1/messages/batch/`, each of `--batch`
 messages to `--batch` different users (the sockets spread over those users). Every request must
 answer 202; requests/s and messages/s are counted from the first request to the last answer;
-latency is POST start -> answer, and with sockets POST start -> arrival.
+latency is POST start -> answer, and with sockets POST start -> arrival. "Server CPU" is the
+web instance's; PostgreSQL's and the broker's is counted apart (`common.service_cpu`).
 
 `--side-by-side` starts the project (fast path), the project with RT_FAST_PUBLISH=0 (every
 request through Django and DRF, as before the fast path), and the baseline, each with its own
@@ -56,6 +57,7 @@ LABELS = {
     "latency_max_ms": "latency max ms",
     "server_cpu_ms_per_request": "server CPU ms per request",
     "server_cpu_us_per_message": "server CPU us per message",
+    "services_cpu_us_per_message": "PostgreSQL + broker CPU us per message",
     "sockets": "sockets open",
     "expected": "deliveries expected",
     "delivered": "deliveries (distinct)",
@@ -99,6 +101,7 @@ class Variant:
     records: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     cpu: float = 0.0
+    services_cpu: float = 0.0  # PostgreSQL's and the broker's (see common.service_cpu)
     next_seq: int = 0
 
     @property
@@ -194,8 +197,10 @@ def wait_quiet(deployments: list[Deployment], timeout: float = 20.0) -> float:
 def run_slice(variant: Variant, requests: int, args: argparse.Namespace) -> None:
     """Drive one variant for `requests` requests, adding to its records, seconds and CPU."""
     cpu_before = common.cpu_of(variant.deployment.webs)
+    services_before = common.service_cpu()
     records = asyncio.run(drive(variant, requests, args))
     variant.cpu += common.cpu_of(variant.deployment.webs) - cpu_before
+    variant.services_cpu += sum(common.service_cpu_since(services_before).values())
     if records:
         variant.seconds += max(r["acked"] for r in records) - min(r["sent"] for r in records)
     variant.records += records
@@ -271,6 +276,7 @@ def figures(variant: Variant, args: argparse.Namespace, notes: list[str]) -> dic
         "latency_max_ms": ms(latencies[-1] if latencies else None),
         "server_cpu_ms_per_request": round(variant.cpu / len(records) * 1000, 2) if records else None,
         "server_cpu_us_per_message": round(variant.cpu / messages * 1e6, 1) if messages else None,
+        "services_cpu_us_per_message": round(variant.services_cpu / messages * 1e6, 1) if messages else None,
     }
     if variant.pool is None:
         return metrics
@@ -433,6 +439,7 @@ SIDE_LABELS = [
     ("latency_p99_ms", "POST p99 ms"),
     ("server_cpu_ms_per_request", "server CPU ms/request"),
     ("server_cpu_us_per_message", "server CPU us/message"),
+    ("services_cpu_us_per_message", "PostgreSQL + broker CPU us/message"),
     ("delivery_p50_ms", "delivery p50 ms"),
     ("delivery_p99_ms", "delivery p99 ms"),
     ("lost", "lost"),
