@@ -3,7 +3,9 @@
 A lane takes the broker messages waiting (up to BATCH_MESSAGES; a busy web instance packs
 several frames into one, see `broker.pack`), decodes them, hands all their frames to
 `processing.process_batch` in a thread (one transaction), publishes the replies, and has the
-`Settler` settle each message. Outages of the database or broker are waited out (`outages`);
+`Settler` settle each message. One lane takes batches at a time, in turns, and another joins only
+while the running batches are slow (`lane_gate`): small batches each pay a batch's whole cost.
+Outages of the database or broker are waited out (`outages`);
 whatever else goes wrong with a batch is retried message by message, and a message that still
 fails is split into its frames or dead-lettered with the reason, never left unacked.
 """
@@ -12,13 +14,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from django.conf import settings
 
 from consumers_app.inbound_messages import read_frames, redeliveries
+from consumers_app.lane_gate import LaneGate
 from consumers_app.leases import LeaseRenewer, counter_value
 from consumers_app.outages import OutageWaiter
 from consumers_app.processing import Outcome, Verdict, Work, process_batch, work_from_body
@@ -32,9 +36,14 @@ from notifications.services.presence import end_lease
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Broker messages one lane processes in one transaction at most. Larger batches commit less
 # often, but a slow handler holds up the rest of its batch.
 BATCH_MESSAGES = 8
+# Seconds a batch runs before another lane may start one beside it (see `lane_gate`): longer
+# than a batch takes under load, short enough that a slow handler holds up little behind it.
+SLOW_BATCH_SECONDS = 0.5
 # Seconds a stopping worker lets in-flight frames finish before handing them back.
 STOP_GRACE_SECONDS = 25.0
 # A frame redelivered this often has killed its workers (they died before they could record
@@ -52,6 +61,7 @@ class InboundWorker:
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="inbound")
         self.outages = OutageWaiter(self.queue_name, self.executor, self.stopping)
         self.waiting: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.gate = LaneGate(SLOW_BATCH_SECONDS)
         self.connection: AbstractRobustConnection | None = None
         self.settler: Settler | None = None
         self._outlets: broker.Outlets | None = None
@@ -139,24 +149,39 @@ class InboundWorker:
         await self.waiting.put(message)
 
     async def _lane(self) -> None:
-        """Take what is waiting (a batch) and process it; until the worker stops."""
+        """Take what is waiting (a batch) and process it, when the gate gives this lane a turn;
+        until the worker stops."""
         while not self.stopping.is_set():
-            getter = asyncio.ensure_future(self.waiting.get())
-            stop = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait({getter, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not getter.done():
-                getter.cancel()
+            turn = await self._unless_stopping(self.gate.take_turn())
+            if turn is None:
                 return
-            batch = [getter.result()]
-            while len(batch) < BATCH_MESSAGES and not self.waiting.empty():
-                batch.append(self.waiting.get_nowait())
             try:
-                await self._handle_isolated(batch)
-            except Stopped:
-                logger.info("%s: %d messages handed back (worker stopping)", self.queue_name, len(batch))
-                await self._settler.hand_back(batch)
-                return
+                first = await self._unless_stopping(self.waiting.get())
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < BATCH_MESSAGES and not self.waiting.empty():
+                    batch.append(self.waiting.get_nowait())
+                self.gate.started(turn)
+                try:
+                    await self._handle_isolated(batch)
+                except Stopped:
+                    logger.info("%s: %d messages handed back (worker stopping)", self.queue_name, len(batch))
+                    await self._settler.hand_back(batch)
+                    return
+            finally:
+                self.gate.done(turn)
+
+    async def _unless_stopping(self, awaitable: Awaitable[T]) -> T | None:
+        """What `awaitable` gives, or None if the worker stops first."""
+        result = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({result, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not result.done():
+            result.cancel()
+            return None
+        return result.result()
 
     async def _handle_isolated(self, batch: list[AbstractIncomingMessage]) -> None:
         """Handle a batch; if it fails in a way nobody expected, each message alone, and a

@@ -661,3 +661,31 @@ async def test_inbound_record_is_visible_to_its_sender_and_staff_only(cluster, u
         anonymous = await client.get(url)
         assert anonymous.status_code == 401 and "WWW-Authenticate" in anonymous.headers
     await alice.close()
+
+
+# --- 7. a slow handler ------------------------------------------------------------------------
+
+
+async def test_a_slow_handler_holds_up_only_its_own_batch(cluster, users):
+    """One lane takes batches while they run quickly (`lane_gate`); a batch that runs long lets
+    another lane take the frames that arrive behind it, so one slow frame stalls nobody else."""
+    sleep_ms = 8000
+    (web,) = await start(cluster, webs=1, workers=1)
+    async with httpx.AsyncClient(timeout=30) as client:
+        alice = await open_socket(client, web, users["alice"])
+        bob = await open_socket(client, web, users["bob"])
+        slow_id = await send_and_receipt(alice, "slow", "diag.sleep", {"ms": sleep_ms})
+
+        async def taken() -> bool:  # by the worker, whose only running lane now sleeps
+            stats = await queue_stats(f"{cluster.namespace}.inbound")
+            return stats is not None and stats[0] == 0
+
+        await eventually(taken, SETTLE, "the slow frame taken by the worker")
+        quick = {await send_and_receipt(bob, f"quick-{n}", "echo", {"n": n}) for n in range(5)}
+        await wait_echoes(bob, quick, timeout=sleep_ms / 1000 * 2)
+        assert slow_id not in echoes(alice), "the quick frames waited for the slow one"
+
+        await wait_echoes(alice, {slow_id})
+    await eventually(lambda: all_processed(6), SETTLE, "every frame processed")
+    await alice.close()
+    await bob.close()
