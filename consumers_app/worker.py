@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Broker messages one lane processes in one transaction at most. Larger batches commit less
-# often, but a slow handler holds up the rest of its batch.
-BATCH_MESSAGES = 8
+# Broker messages one lane processes in one transaction at most (each up to
+# `inbound_submitter.FRAMES_PER_MESSAGE` frames: 512 in all). Larger batches commit less often,
+# but a slow handler holds up the rest of its batch.
+BATCH_MESSAGES = 4
 # Seconds a batch runs before another lane may start one beside it (see `lane_gate`): longer
 # than a batch takes under load, short enough that a slow handler holds up little behind it.
 SLOW_BATCH_SECONDS = 0.5
