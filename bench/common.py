@@ -70,14 +70,17 @@ def raise_fd_limit(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (all its threads), from /proc/<pid>/stat."""
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """User + system CPU time a process has used so far (all its threads), from /proc/<pid>/stat;
+    with `reaped_children`, also that of the children it has waited for (exited ones)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    # After the command name: state is field 3, utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # After the command name: state is field 3, utime and stime are fields 14 and 15, the reaped
+    # children's cutime and cstime 16 and 17.
+    ticks = fields[11:15] if reaped_children else fields[11:13]
+    return sum(int(value) for value in ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_of(procs: list["Proc"]) -> float:
@@ -103,13 +106,10 @@ def service_cpu() -> dict[str, float]:
             continue
         try:
             service = SERVICE_PROCESSES.get(Path(entry.path, "comm").read_text().strip())
-            if service is None:
-                continue
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # utime, stime, then cutime and cstime (children waited for), fields 14-17 of stat.
-        totals[service] += sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        if service is not None:
+            totals[service] += cpu_seconds(int(entry.name), reaped_children=True)
     return totals
 
 
