@@ -26,6 +26,7 @@ from consumers_app.account_watch import watch_accounts
 from consumers_app.bindings import Bindings
 from consumers_app.consumer_cancel import ConsumerCancelWatch
 from consumers_app.inbound_submitter import InboundSubmitter
+from consumers_app.outbound import corked
 from consumers_app.presence import PresenceTracker
 from consumers_app.registry import Socket, SocketRegistry
 from consumers_app.streams import StreamTracker, message_id
@@ -308,6 +309,11 @@ class InstanceBridge:
             return
         metrics.messages_received.inc(len(bodies))
         self.received += len(bodies)
+        with corked():  # a socket's frames of this message in one write
+            self._hand_out(bodies, message.message_id)
+        await broker.settle(message.ack(), "a broadcast message")
+
+    def _hand_out(self, bodies: list[dict[str, Any]], carrier: str | None) -> None:
         for body in bodies:
             try:
                 if "presence" in body:
@@ -322,10 +328,7 @@ class InstanceBridge:
                     metrics.messages_duplicate.inc()
             except Exception as exc:
                 metrics.messages_malformed.inc()
-                logger.error(
-                    "dropping a malformed message in %s: %s: %s", message.message_id, type(exc).__name__, exc
-                )
-        await broker.settle(message.ack(), "a broadcast message")
+                logger.error("dropping a malformed message in %s: %s: %s", carrier, type(exc).__name__, exc)
 
     def _seen(self, message_id: str) -> bool:
         if message_id in self._recent:

@@ -7,8 +7,10 @@ closed, not buffered for, and delivery never blocks the bridge.
 """
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -28,6 +30,33 @@ logger = logging.getLogger(__name__)
 
 # Close code for a reader too slow to keep up (its outbound queue filled): "try again later".
 CLOSE_SLOW_READER = 1013
+
+# While `corked`: the frames each socket is given, written when the block ends.
+_corked: "contextvars.ContextVar[dict[Outbound, list[bytes]] | None]" = contextvars.ContextVar(
+    "corked", default=None
+)
+
+
+@contextlib.contextmanager
+def corked() -> Iterator[None]:
+    """Frames given to sockets inside the block are written when it ends, a socket's all at once.
+
+    A broker message often holds several messages for one socket (a batch to a user, publishes
+    grouped together): one system call per socket instead of one per frame, each of which costs
+    the sender the whole loopback/network path and a wake-up of the reader. Use it around code
+    that does not yield to the loop (a socket's frames stay in order; nothing else writes meanwhile).
+    """
+    if _corked.get() is not None:  # already inside a corked block: that one writes
+        yield
+        return
+    pending: dict[Outbound, list[bytes]] = {}
+    token = _corked.set(pending)
+    try:
+        yield
+    finally:
+        _corked.reset(token)
+        for outbound, frames in pending.items():
+            outbound.write_now(frames[0] if len(frames) == 1 else b"".join(frames))
 
 
 class Outbound:
@@ -61,17 +90,29 @@ class Outbound:
             return False
         protocol = self.protocol
         if protocol is not None:
-            if not write_frame(protocol, wire or text_frame(frame)):
-                return False
-            if unsent_bytes(protocol) > self.buffer_limit:
-                self.close_slow_reader(f"{unsent_bytes(protocol)} bytes unread")
-            return True
+            wire = wire or text_frame(frame)
+            pending = _corked.get()
+            if pending is not None:
+                if protocol.state != protocol.STATE_OPEN:
+                    return False
+                pending.setdefault(self, []).append(wire)
+                return True
+            return self.write_now(wire)
         assert self.outbox is not None
         try:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
             self.close_slow_reader(f"{self.outbox.qsize()} frames waiting")
             return False
+        return True
+
+    def write_now(self, wire: bytes) -> bool:
+        """Write WebSocket frames to Daphne's socket; a client that is not reading them is closed."""
+        assert self.protocol is not None
+        if self.closing or not write_frame(self.protocol, wire):
+            return False
+        if unsent_bytes(self.protocol) > self.buffer_limit:
+            self.close_slow_reader(f"{unsent_bytes(self.protocol)} bytes unread")
         return True
 
     def push(self, frame: dict[str, Any]) -> None:

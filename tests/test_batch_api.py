@@ -21,6 +21,7 @@ from notifications.api import fast_publish, views
 from notifications.api.fast_publish import FastPublish
 from notifications.broker import BrokerUnavailable
 from notifications.models import IdempotencyKey, Message, Stream
+from notifications.services import messages as messages_service
 from notifications.services.idempotency import request_hash
 from tests.conftest import make_user
 from tests.support.clients import open_socket, post_message
@@ -311,9 +312,10 @@ async def test_no_publisher_in_the_process_is_503_with_every_seq_given_back(user
 
 
 async def test_a_broker_lost_mid_batch_leaves_the_rest_accepted_for_the_sweeper(
-    users, post, publisher, bridge
+    users, post, publisher, bridge, monkeypatch
 ):
     # 150 messages of one topic travel as two broker messages: the second is not confirmed.
+    monkeypatch.setattr(messages_service, "BROKER_BATCH_ITEMS", 100)
     publisher(FailingBroker(after=1, real=bridge))
     items = [{"topic": "half", "payload": i} for i in range(150)]
     response = await post(users["alice"], {"messages": items}, **{"Idempotency-Key": "half"})
