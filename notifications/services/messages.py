@@ -169,9 +169,10 @@ def mark_published(messages: list[Message]) -> None:
 
     They are durable in the broker already, so this commit need not wait for the disk: at worst
     a database crash leaves them `accepted` (published again on a redelivery; web instances drop
-    the copy).
+    the copy). Inside a caller's transaction it adds no savepoint (two round trips): a failure
+    here fails the caller's whole transaction anyway.
     """
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
