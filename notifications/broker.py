@@ -250,12 +250,14 @@ class Outlets:
     async def publish(self, body: dict[str, Any] | bytes, message_id: str, key: str | list[str]) -> None:
         """Publish (confirmed) with routing key `key` ("" means every instance), or with several
         keys: a `pack` of messages for several recipients goes, once, to each instance bound to
-        any of them (RabbitMQ's sender-selected distribution, the `CC` header)."""
+        any of them (RabbitMQ's sender-selected distribution, the `BCC` header: unlike `CC`, the
+        broker removes it before delivery, so instances do not decode a list of up to
+        BROKER_BATCH_ITEMS keys with every pack)."""
         keys = [key] if isinstance(key, str) else key
         if not keys[0]:
             await publish(self.broadcast, body, message_id=message_id)
             return
-        headers = {"CC": keys[1:]} if len(keys) > 1 else None
+        headers = {"BCC": keys[1:]} if len(keys) > 1 else None
         await publish(self.route, body, message_id=message_id, routing_key=keys[0], headers=headers)
 
 

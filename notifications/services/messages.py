@@ -250,7 +250,7 @@ def broker_groups(messages: list[Message]) -> list[tuple[list[Message], bytes, l
     """The messages cut into broker messages of at most BROKER_BATCH_ITEMS items and about
     BROKER_BATCH_BYTES bytes (one larger item travels alone), each `pack`ed, in list order; with
     their routing keys. Broadcasts travel apart (to every instance); the others are routed with
-    every recipient's key (RabbitMQ's `CC`), so an instance takes a pack only if it holds one of
+    every recipient's key (RabbitMQ's `BCC`), so an instance takes a pack only if it holds one of
     its recipients (CONTRACT §2), and a batch to many users is a few broker messages, not one
     per user."""
     by_kind: dict[bool, list[tuple[Message, bytes, str]]] = {}
