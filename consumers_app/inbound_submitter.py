@@ -97,7 +97,7 @@ class InboundSubmitter:
             return
         sendable = [pending for pending, _ in encoded]
         frames = [frame for frame, _ in sendable]
-        message_id = broker.message_id_for([str(frame.id) for frame in frames])
+        message_id = broker.message_id_for([frame.id for frame in frames])
         body = broker.pack_encoded(broker.FRAMES, [body for _, body in encoded])
         try:
             await self._publisher.publish_inbound(body, message_id)

@@ -47,7 +47,7 @@ async def publish_replies(outlets: Outlets, outages: OutageWaiter, ids: str, rep
 
     async def publish_chunk(chunk: list[tuple[Message, bytes, str]]) -> None:
         body = broker.pack_encoded(broker.MESSAGES, [encoded for _, encoded, _ in chunk])
-        message_id = broker.message_id_for([str(reply.id) for reply, _, _ in chunk])
+        message_id = broker.message_id_for([reply.id for reply, _, _ in chunk])
         keys = list(dict.fromkeys(key for _, _, key in chunk))
         await outages.until_broker_recovers(ids, lambda: outlets.publish(body, message_id, keys))
 

@@ -8,7 +8,7 @@ hand: the robust connection re-declares what was declared on it.
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,10 +132,10 @@ def unpack(body: dict[str, Any], key: str) -> list[Any]:
     return items
 
 
-def message_id_for(item_ids: list[str]) -> str:
+def message_id_for(item_ids: Sequence[object]) -> str:
     """The broker message id of a `pack`ed message: its item's own id when it carries one item
     (so a redelivered copy can be recognised), a fresh id for several."""
-    return item_ids[0] if len(item_ids) == 1 else f"batch-{uuid.uuid4()}"
+    return str(item_ids[0]) if len(item_ids) == 1 else f"batch-{uuid.uuid4()}"
 
 
 def json_message(

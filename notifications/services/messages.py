@@ -141,8 +141,16 @@ def store_messages(messages: list[Message]) -> None:
     pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
 
 
-def broker_body(message: Message) -> dict[str, Any]:
-    """The message as it travels on `<ns>.broadcast` (JSON; every instance decodes it once)."""
+def broker_body(message: Message, times: dict[Any, str | None] | None = None) -> dict[str, Any]:
+    """The message as it travels on `<ns>.broadcast` (JSON; every instance decodes it once).
+
+    `times` caches the formatted publication times across the messages of one publish (they
+    share one)."""
+    published = message.published_at
+    if times is None:
+        times = {}
+    if published not in times:
+        times[published] = published.isoformat().replace("+00:00", "Z") if published else None
     return {
         "id": str(message.id),
         "stream": message.stream,
@@ -153,9 +161,7 @@ def broker_body(message: Message) -> dict[str, Any]:
         "broadcast": message.broadcast,
         "event": message.event,
         "payload": message.payload,
-        "published_at": message.published_at.isoformat().replace("+00:00", "Z")
-        if message.published_at
-        else None,
+        "published_at": times[published],
     }
 
 
@@ -254,8 +260,9 @@ def broker_groups(messages: list[Message]) -> list[tuple[list[Message], bytes, l
     its recipients (CONTRACT §2), and a batch to many users is a few broker messages, not one
     per user."""
     by_kind: dict[bool, list[tuple[Message, bytes, str]]] = {}
+    times: dict[Any, str | None] = {}
     for message in messages:
-        fields = broker_body(message)
+        fields = broker_body(message, times)
         key = broker.routing_key(fields)
         by_kind.setdefault(not key, []).append((message, broker.encode(fields), key))
     groups: list[tuple[list[Message], bytes, list[str]]] = []
@@ -294,7 +301,7 @@ async def publish_many(messages: list[Message]) -> list[tuple[list[Message], Bro
     started = time.perf_counter()
     results = await asyncio.gather(
         *(
-            publisher.publish_message(body, broker.message_id_for([str(m.id) for m in members]), key)
+            publisher.publish_message(body, broker.message_id_for([m.id for m in members]), key)
             for members, body, key in groups
         ),
         return_exceptions=True,

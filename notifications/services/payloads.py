@@ -28,20 +28,40 @@ def check_payload(payload: Any, max_bytes: int | None = None, max_depth: int | N
     """The payload encoded, or PayloadRejected: too deep, not encodable, too large, or holding U+0000."""
     max_bytes = settings.RT_MAX_PAYLOAD_BYTES if max_bytes is None else max_bytes
     max_depth = settings.RT_MAX_JSON_DEPTH if max_depth is None else max_depth
-    depth, finite = _scan(payload, max_depth)
-    if depth > max_depth:
-        raise PayloadRejected("invalid", f"a payload may be nested at most {max_depth} levels deep")
-    if not finite:
-        raise PayloadRejected("invalid", "a payload's numbers must be finite (JSON has no Infinity or NaN)")
     try:
-        encoded = orjson.dumps(payload)
-    except TypeError as exc:  # orjson.JSONEncodeError: integers past 64 bits, lone surrogates
-        raise PayloadRejected("invalid", f"the payload cannot be stored as JSON: {exc}") from None
+        encoded: bytes | None = orjson.dumps(payload)
+    except TypeError:  # said below, after the depth (orjson also refuses nesting past 255)
+        encoded = None
+    if encoded is None or not _plainly_shallow_and_finite(encoded, max_depth):
+        depth, finite = _scan(payload, max_depth)
+        if depth > max_depth:
+            raise PayloadRejected("invalid", f"a payload may be nested at most {max_depth} levels deep")
+        if not finite:
+            raise PayloadRejected(
+                "invalid", "a payload's numbers must be finite (JSON has no Infinity or NaN)"
+            )
+        if encoded is None:
+            try:
+                encoded = orjson.dumps(payload)
+            except TypeError as exc:  # orjson.JSONEncodeError: integers past 64 bits, lone surrogates
+                raise PayloadRejected("invalid", f"the payload cannot be stored as JSON: {exc}") from None
     if len(encoded) > max_bytes:
         raise PayloadRejected("too_large", f"payloads are limited to {max_bytes} bytes")
     if has_nul(payload, encoded):
         raise PayloadRejected("invalid", NUL_RULE)
     return encoded
+
+
+def _plainly_shallow_and_finite(encoded: bytes, max_depth: int) -> bool:
+    """Whether a payload's encoding alone shows it no deeper than `max_depth`, its numbers finite
+    (else `_scan` walks through it, and says what is wrong).
+
+    Every level of nesting opens a `[` or `{`, so no more of those than `max_depth` bounds the
+    depth (brackets inside strings only count too many); orjson writes a NaN or an infinity as
+    `null`, so an encoding without `null` holds none. Most payloads pass here without a walk in
+    Python, which was a third of a batch's validation.
+    """
+    return b"null" not in encoded and encoded.count(b"[") + encoded.count(b"{") <= max_depth
 
 
 # A float of 1e18 or more, as orjson writes it: the parser may have rounded an integer literal.

@@ -1,6 +1,10 @@
 """notifications/services/payloads.py: one payload check for the API and the socket."""
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from notifications.services.payloads import PayloadRejected, check_payload, json_depth
 
@@ -142,3 +146,56 @@ def test_the_encoded_payload_is_returned():
     assert check_payload({"a": [1, "é"]}) == '{"a":[1,"é"]}'.encode()
     assert check_payload(None) == b"null"
     assert check_payload(2**64 - 1) == b"18446744073709551615"
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _storable(value) -> bool:
+    """orjson encodes it and it holds no U+0000 (the rules after depth and numbers)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return not _holds_nul(value)
+
+
+def _holds_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(alphabet='ab[]{}"n'),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(payload=_json_values, max_depth=st.integers(0, 6))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_the_encoding_shortcut_decides_as_the_walk_does(payload, max_depth):
+    """Depth and finite numbers are read off the encoding when it plainly shows them: never a
+    payload accepted that the walk through it refuses, or the other way round."""
+    expected = json_depth(payload, max_depth) <= max_depth and _finite(payload) and _storable(payload)
+    try:
+        check_payload(payload, max_bytes=1 << 20, max_depth=max_depth)
+        accepted = True
+    except PayloadRejected as error:
+        accepted = False
+        assert error.code == "invalid"
+    assert accepted == expected
