@@ -56,7 +56,10 @@ def corked() -> Iterator[None]:
     finally:
         _corked.reset(token)
         for outbound, frames in pending.items():
-            outbound.write_now(frames[0] if len(frames) == 1 else b"".join(frames))
+            try:
+                outbound.write_now(frames[0] if len(frames) == 1 else b"".join(frames))
+            except Exception:  # one broken socket must not keep the others' frames back
+                logger.exception("writing to %s failed", outbound.label)
 
 
 class Outbound:

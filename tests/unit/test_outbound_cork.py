@@ -97,3 +97,19 @@ def test_the_slow_reader_limit_is_checked_when_the_frames_are_written(monkeypatc
         assert closed == []
     assert out.protocol.transport.written == [text_frame(frame(1))], "queued behind what waits"
     assert closed and "unread" in closed[0]
+
+
+def test_a_socket_whose_write_fails_does_not_keep_the_others_frames_back(monkeypatch, caplog):
+    broken, _ = open_socket()
+    fine, fine_sent = open_socket()
+    broken.label = "the broken one"
+
+    def fail(wire: bytes) -> bool:
+        raise RuntimeError("a transport that breaks")
+
+    monkeypatch.setattr(broken, "write_now", fail)
+    with corked():
+        broken.deliver(frame(1))
+        fine.deliver(frame(2))
+    assert fine_sent == [text_frame(frame(2))]
+    assert "the broken one" in caplog.text
