@@ -8,8 +8,8 @@ closed, not buffered for, and delivery never blocks the bridge.
 
 import asyncio
 import contextlib
-import contextvars
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -31,10 +31,10 @@ logger = logging.getLogger(__name__)
 # Close code for a reader too slow to keep up (its outbound queue filled): "try again later".
 CLOSE_SLOW_READER = 1013
 
-# While `corked`: the frames each socket is given, written when the block ends.
-_corked: "contextvars.ContextVar[dict[Outbound, list[bytes]] | None]" = contextvars.ContextVar(
-    "corked", default=None
-)
+# While `corked`: the frames each socket is given, written when the block ends. Per thread, read
+# when a frame is given: not a ContextVar, which callbacks and tasks created inside the block
+# would carry with them and fill after the block had written, so their frames would never leave.
+_corked = threading.local()
 
 
 @contextlib.contextmanager
@@ -46,20 +46,24 @@ def corked() -> Iterator[None]:
     the sender the whole loopback/network path and a wake-up of the reader. Use it around code
     that does not yield to the loop (a socket's frames stay in order; nothing else writes meanwhile).
     """
-    if _corked.get() is not None:  # already inside a corked block: that one writes
+    if _pending() is not None:  # already inside a corked block: that one writes
         yield
         return
     pending: dict[Outbound, list[bytes]] = {}
-    token = _corked.set(pending)
+    _corked.pending = pending
     try:
         yield
     finally:
-        _corked.reset(token)
+        _corked.pending = None
         for outbound, frames in pending.items():
             try:
                 outbound.write_now(frames[0] if len(frames) == 1 else b"".join(frames))
             except Exception:  # one broken socket must not keep the others' frames back
                 logger.exception("writing to %s failed", outbound.label)
+
+
+def _pending() -> "dict[Outbound, list[bytes]] | None":
+    return getattr(_corked, "pending", None)
 
 
 class Outbound:
@@ -94,7 +98,7 @@ class Outbound:
         protocol = self.protocol
         if protocol is not None:
             wire = wire or text_frame(frame)
-            pending = _corked.get()
+            pending = _pending()
             if pending is not None:
                 if protocol.state != protocol.STATE_OPEN:
                     return False

@@ -4,6 +4,8 @@ The sockets are Daphne-shaped fakes over a fake kernel socket that records each 
 the tests see how many writes a socket got, not only the bytes.
 """
 
+import asyncio
+
 import pytest
 
 from consumers_app import outbound as outbound_module
@@ -66,7 +68,7 @@ def test_frames_given_before_an_error_are_still_written():
         out.deliver(frame(1))
         raise RuntimeError("a later message failed")
     assert sent == [text_frame(frame(1))]
-    assert outbound_module._corked.get() is None, "the block is over: the next frame goes out at once"
+    assert outbound_module._pending() is None, "the block is over: the next frame goes out at once"
     out.deliver(frame(2))
     assert sent[-1] == text_frame(frame(2))
 
@@ -113,3 +115,24 @@ def test_a_socket_whose_write_fails_does_not_keep_the_others_frames_back(monkeyp
         fine.deliver(frame(2))
     assert fine_sent == [text_frame(frame(2))]
     assert "the broken one" in caplog.text
+
+
+async def test_a_callback_or_task_made_inside_the_block_writes_when_it_runs():
+    """Callbacks and tasks carry the context they were made in (a gap fill's timer, say): a
+    frame they give after the block must still leave, not wait for a block that has ended."""
+    out, sent = open_socket()
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    async def later_task() -> None:
+        out.deliver(frame(3))
+        done.set()
+
+    with corked():
+        out.deliver(frame(1))
+        loop.call_soon(out.deliver, frame(2))
+        task = loop.create_task(later_task())
+    assert sent == [text_frame(frame(1))]
+    await task
+    await asyncio.wait_for(done.wait(), 1)
+    assert sent == [text_frame(frame(1)), text_frame(frame(2)), text_frame(frame(3))]
