@@ -58,7 +58,9 @@ class Message(models.Model):
     broadcast = models.BooleanField(default=False)
     event = models.CharField(max_length=100, blank=True, default="")
     payload = models.JSONField(null=True, blank=True)
-    # Indexed with created_at (Meta), which serves status lookups too.
+    # Not indexed: recording a confirm then changes no indexed column, so PostgreSQL rewrites the
+    # row in place (a HOT update) instead of adding an entry to each of its indexes. The sweeper
+    # finds unconfirmed messages through `PendingConfirm` instead.
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACCEPTED)
     publisher = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -89,10 +91,11 @@ class Message(models.Model):
     epoch: str | None = None
     #: Replies of frames that came through one web instance travel together (not a column).
     route_group: str = ""
+    #: The `PendingConfirm` row written with this message, on records stored here (not a column).
+    pending: "PendingConfirmTicket | None" = None
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["status", "created_at"])]
         constraints = [
             # Serves recovery and the history (stream, seq > N) and keeps a number from being given twice.
             models.UniqueConstraint(fields=["stream", "seq"], name="one_message_per_stream_seq")
@@ -108,6 +111,32 @@ class Message(models.Model):
         if self.topic:
             return f"topic:{self.topic}"
         return f"user:{self.user_id}"
+
+
+class PendingConfirm(models.Model):
+    """Messages stored together (they share one `created_at`) whose broker confirm is not yet recorded.
+
+    The sweeper's list: a row is written in the transaction that stores its messages and deleted
+    with the record of their confirm (or by the sweeper, once none of them is `accepted`). So
+    the sweeper needs no index on Message.status, and recording a confirm rewrites a message
+    in place (README, "Decisions": the confirm's record is a HOT update).
+    """
+
+    created_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"messages stored at {self.created_at.isoformat()}"
+
+
+class PendingConfirmTicket:
+    """What the messages of one store know of their `PendingConfirm` row (not a model): its id
+    and how many they are, so recording all of them confirmed deletes it."""
+
+    __slots__ = ("id", "size")
+
+    def __init__(self, row_id: int, size: int) -> None:
+        self.id = row_id
+        self.size = size
 
 
 class Stream(models.Model):

@@ -22,6 +22,7 @@ from notifications.api.fast_publish import FastPublish
 from notifications.broker import BrokerUnavailable
 from notifications.models import IdempotencyKey, Message, Stream
 from notifications.services import messages as messages_service
+from notifications.services import unconfirmed
 from notifications.services.idempotency import request_hash
 from tests.conftest import make_user
 from tests.support.clients import open_socket, post_message
@@ -312,7 +313,7 @@ async def test_no_publisher_in_the_process_is_503_with_every_seq_given_back(user
 
 
 async def test_a_broker_lost_mid_batch_leaves_the_rest_accepted_for_the_sweeper(
-    users, post, publisher, bridge, monkeypatch
+    users, post, publisher, bridge, monkeypatch, settings
 ):
     # 150 messages of one topic travel as two broker messages: the second is not confirmed.
     monkeypatch.setattr(messages_service, "BROKER_BATCH_ITEMS", 100)
@@ -325,6 +326,9 @@ async def test_a_broker_lost_mid_batch_leaves_the_rest_accepted_for_the_sweeper(
     assert [r["seq"] for r in json_of(response)["messages"]] == list(range(1, 151))
     assert await count(status=Message.Status.ACCEPTED, published_at__isnull=True) == 50
     assert await count(IdempotencyKey, completed_at__isnull=False) == 1
+    settings.RT_SWEEP_GRACE_SECONDS = 0  # the sweeper finds them (their store's row stayed)
+    swept = await database_sync_to_async(unconfirmed.unconfirmed_messages)()
+    assert [m.seq for m in swept] == list(range(101, 151))
 
 
 # --- across real processes ------------------------------------------------------------------

@@ -6,12 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
+from django.db import transaction
 from django.utils import timezone
 
 from consumers_app.outages import OutageWaiter
 from consumers_app.sweeper import Sweeper
 from notifications import broker
-from notifications.models import InboundFrame, Message
+from notifications.models import InboundFrame, Message, PendingConfirm
+from notifications.services.messages import create_message
 from notifications.services.unconfirmed import SWEPT_NOTE
 from tests.support.broker import queue_stats
 from tests.test_consumer import connect
@@ -20,10 +22,13 @@ from tests.test_consumer import connect
 def _stranded_records(age_seconds: float) -> tuple[Message, InboundFrame, Message]:
     """A message and a frame committed `age_seconds` ago and never confirmed, and a young message."""
     bob = User.objects.get(username="bob")
-    old = Message.objects.create(user=bob, event="stranded", payload={"n": 1})
+    with transaction.atomic():
+        old = create_message(user=bob, event="stranded", payload={"n": 1})
     frame = InboundFrame.objects.create(user=bob, event="echo", payload={"n": 2})
-    young = Message.objects.create(user=bob, event="young", payload={"n": 3})
+    with transaction.atomic():
+        young = create_message(user=bob, event="young", payload={"n": 3})
     past = timezone.now() - datetime.timedelta(seconds=age_seconds)
+    PendingConfirm.objects.filter(created_at=old.created_at).update(created_at=past)
     Message.objects.filter(id=old.id).update(created_at=past)
     InboundFrame.objects.filter(id=frame.id).update(accepted_at=past)
     return old, frame, young

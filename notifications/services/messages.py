@@ -18,7 +18,7 @@ from django.utils import timezone
 from notifications import broker, metrics, publishing
 from notifications.broker import BrokerUnavailable
 from notifications.models import InboundFrame, Message, clip_error
-from notifications.services import pg_arrays, pg_copy, streams
+from notifications.services import pg_arrays, pg_copy, streams, unconfirmed
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def create_message(**fields: Any) -> Message:
     message = new_message(**fields)
     streams.number([message])
     message.save(force_insert=True)
+    unconfirmed.await_confirm([message])
     return message
 
 
@@ -118,6 +119,7 @@ def store_messages(messages: list[Message]) -> None:
     if connection.vendor != "postgresql":
         streams.number(messages)
         Message.objects.bulk_create(messages)
+        unconfirmed.await_confirm(messages)
         return
     now = timezone.now()
     created = now.isoformat()
@@ -136,6 +138,7 @@ def store_messages(messages: list[Message]) -> None:
             f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{created}\t"
             f"{text(streams.stream_of(message))}\t"
         )
+    unconfirmed.await_confirm(messages)  # before the streams are locked: it takes a round trip
     streams.number(messages)  # the streams stay locked from here to the commit
     lines = [f"{head}{message.seq}" for head, message in zip(heads, messages, strict=True)]
     pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
@@ -171,7 +174,8 @@ MARK_PUBLISHED_SQL = (
 
 
 def mark_published(messages: list[Message]) -> None:
-    """Record the broker's confirm of messages (one update per publish time, usually one).
+    """Record the broker's confirm of messages (one update per publish time, usually one), and
+    forget the `PendingConfirm` rows of the stores all of whose messages these are.
 
     They are durable in the broker already, so this commit need not wait for the disk: at worst
     a database crash leaves them `accepted` (published again on a redelivery; web instances drop
@@ -195,6 +199,7 @@ def mark_published(messages: list[Message]) -> None:
                 Message.objects.filter(id__in=ids).update(
                     status=Message.Status.PUBLISHED, published_at=when, error=""
                 )
+        unconfirmed.forget_confirmed(messages)
     for message in messages:
         message.status = Message.Status.PUBLISHED
 

@@ -3,16 +3,21 @@
 A process can die between committing a record and the broker's confirm (a web instance's
 inbound batch, a publish, a worker's replies). Nothing would ever publish those: the sweeper
 (`consumers_app.sweeper`, in every worker) finds them after a grace period and publishes them.
+Messages are found through their `PendingConfirm` rows (written as they are stored, deleted
+as their confirm is recorded), frames through their status.
 """
 
 import datetime
 import uuid
+from collections import Counter
+from collections.abc import Iterable
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from notifications.models import InboundFrame, Message
+from notifications.models import InboundFrame, Message, PendingConfirm, PendingConfirmTicket
 from notifications.services.streams import with_epochs
 
 # Records handled per sweep at most, so one sweep stays short.
@@ -25,14 +30,42 @@ def _cutoff() -> datetime.datetime:
     return timezone.now() - datetime.timedelta(seconds=settings.RT_SWEEP_GRACE_SECONDS)
 
 
+def await_confirm(messages: Iterable[Message]) -> None:
+    """Write the `PendingConfirm` rows of messages being stored (call in their transaction), one
+    per `created_at` (a store gives its messages one), and give each message its row's ticket."""
+    by_time: dict[datetime.datetime, list[Message]] = {}
+    for message in messages:
+        by_time.setdefault(message.created_at, []).append(message)
+    for created_at, stored in by_time.items():
+        ticket = PendingConfirmTicket(PendingConfirm.objects.create(created_at=created_at).pk, len(stored))
+        for message in stored:
+            message.pending = ticket
+
+
+def forget_confirmed(messages: Iterable[Message]) -> None:
+    """Delete the `PendingConfirm` rows all of whose messages are among these, just recorded
+    published (call in that transaction). A row some of whose messages are not (a batch the
+    broker confirmed in part) stays: the sweeper publishes the rest, then deletes it."""
+    counts = Counter(message.pending for message in messages if message.pending is not None)
+    done = [ticket.id for ticket, count in counts.items() if count >= ticket.size]
+    if done:
+        PendingConfirm.objects.filter(id__in=done).delete()
+
+
 def unconfirmed_messages() -> list[Message]:
-    """Messages still `accepted` past the grace period (oldest first)."""
+    """Messages still `accepted` past the grace period (oldest first), found through their
+    `PendingConfirm` rows; the rows none of whose messages is `accepted` any more (published,
+    failed, or deleted) are deleted first."""
+    cutoff = _cutoff()
+    accepted = Message.objects.filter(status=Message.Status.ACCEPTED)
+    with transaction.atomic():
+        due = PendingConfirm.objects.filter(created_at__lt=cutoff)
+        due.exclude(Exists(accepted.filter(created_at=OuterRef("created_at")))).delete()
+        times = list(due.order_by("created_at").values_list("created_at", flat=True)[:SWEEP_BATCH])
+    if not times:
+        return []
     return with_epochs(
-        list(
-            Message.objects.filter(status=Message.Status.ACCEPTED, created_at__lt=_cutoff()).order_by(
-                "created_at"
-            )[:SWEEP_BATCH]
-        )
+        list(accepted.filter(created_at__in=times).order_by("created_at", "stream", "seq")[:SWEEP_BATCH])
     )
 
 
