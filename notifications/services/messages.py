@@ -13,6 +13,8 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
+from django.db.models.base import ModelState
+from django.db.models.signals import post_init, pre_init
 from django.utils import timezone
 
 from notifications import broker, metrics, publishing
@@ -75,11 +77,23 @@ def new_message(
     values[index["source_inbound_id"]] = (
         source_inbound.pk if source_inbound is not None else source_inbound_id
     )
-    message = Message(*values)  # type: ignore[misc]  # django-stubs types only keyword construction
+    message = _from_values(values)
     # Related objects given as objects stay cached on the message, as the keyword form keeps them.
     for name, related in (("user", user), ("publisher", publisher), ("source_inbound", source_inbound)):
         if related is not None:
             setattr(message, name, related)
+    return message
+
+
+def _from_values(values: list[Any]) -> Message:
+    """`Message(*values)` without Model.__init__'s loop over the fields (3 of its 4 µs): for
+    positional values it only sets a fresh state and each column's attribute, which this does at
+    once. Unless something listens to the init signals, which only __init__ sends."""
+    if pre_init.has_listeners(Message) or post_init.has_listeners(Message):
+        return Message(*values)  # type: ignore[misc]  # django-stubs types only keyword construction
+    message = Message.__new__(Message)
+    message.__dict__.update(zip(_MESSAGE_ATTNAMES, values, strict=True))
+    message._state = ModelState()
     return message
 
 

@@ -3,6 +3,7 @@
 import uuid
 
 from django.contrib.auth.models import User
+from django.db.models.signals import post_init
 
 from notifications.models import InboundFrame, Message
 from notifications.services.messages import new_message
@@ -44,3 +45,18 @@ def test_each_message_gets_its_own_id_and_status() -> None:
     first, second = new_message(topic="t"), new_message(topic="t")
     assert first.id != second.id
     assert first.status == Message.Status.ACCEPTED and first.seq is None and first.stream == ""
+
+
+def test_init_signal_receivers_still_hear_of_each_message() -> None:
+    heard: list[Message] = []
+
+    def receiver(sender: type, instance: Message, **kwargs: object) -> None:
+        heard.append(instance)
+
+    post_init.connect(receiver, sender=Message)
+    try:
+        built = new_message(topic="t", event="e", payload=1)
+    finally:
+        post_init.disconnect(receiver, sender=Message)
+    assert heard == [built]
+    assert columns(built) == columns(as_keywords(topic="t", event="e", payload=1))
