@@ -21,6 +21,7 @@ from typing import Any
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.utils import timezone
 
 from consumers_app.account_watch import watch_accounts
 from consumers_app.bindings import Bindings
@@ -314,6 +315,7 @@ class InstanceBridge:
         await broker.settle(message.ack(), "a broadcast message")
 
     def _hand_out(self, bodies: list[dict[str, Any]], carrier: str | None) -> None:
+        now = timezone.now()  # the delivery log's time for every message of this broker message
         for body in bodies:
             try:
                 if "presence" in body:
@@ -321,7 +323,7 @@ class InstanceBridge:
                     continue
                 message_id(body)
                 if body.get("seq") is not None:
-                    self.streams.arrive(body)
+                    self.streams.arrive(body, now)
                 elif not self._seen(body["id"]):  # unnumbered (from an older publisher)
                     self.streams.emit_unnumbered(legacy_stream(body), body)
                 else:

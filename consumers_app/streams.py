@@ -16,6 +16,7 @@ message the database read already covered is skipped by its seq.
 """
 
 import asyncio
+import datetime
 import logging
 import uuid
 from collections.abc import Callable
@@ -83,8 +84,9 @@ class StreamTracker:
 
     # --- messages from the broker --------------------------------------------------------
 
-    def arrive(self, body: dict[str, Any]) -> None:
-        """A numbered message taken from the broker: deliver it in its stream's order."""
+    def arrive(self, body: dict[str, Any], at: datetime.datetime | None = None) -> None:
+        """A numbered message taken from the broker: deliver it in its stream's order. `at` is
+        the delivery log's time (the messages of one broker message share it; default now)."""
         state = self.states.get(body["stream"])
         if state is None:
             return  # no socket of this instance is on that stream
@@ -107,18 +109,18 @@ class StreamTracker:
             state.early[seq] = body
             self._expect_gap(state)
             return
-        self._emit(state, body)
-        self._drain(state)
+        self._emit(state, body, at)
+        self._drain(state, at)
 
-    def _drain(self, state: StreamState) -> None:
+    def _drain(self, state: StreamState, at: datetime.datetime | None = None) -> None:
         """Deliver the early messages that are next in order now."""
         while state.next_seq in state.early:
-            self._emit(state, state.early.pop(state.next_seq))
+            self._emit(state, state.early.pop(state.next_seq), at)
         if not state.early and state.gap_timer is not None:
             state.gap_timer.cancel()
             state.gap_timer = None
 
-    def _emit(self, state: StreamState, body: dict[str, Any]) -> None:
+    def _emit(self, state: StreamState, body: dict[str, Any], at: datetime.datetime | None = None) -> None:
         """Deliver one message to the stream's live sockets and hold it for those catching up."""
         seq = body.get("seq")
         if isinstance(seq, int) and state.next_seq is not None and seq >= state.next_seq:
@@ -144,7 +146,7 @@ class StreamTracker:
             for socket in promoted:
                 del state.catchups[socket]
                 self.registry.go_live(socket, state.name)
-        self._record(body, delivered)
+        self._record(body, delivered, at)
 
     def emit_unnumbered(self, stream: str, body: dict[str, Any]) -> None:
         """A message without a seq (published by something older): delivered as it comes."""
@@ -166,9 +168,9 @@ class StreamTracker:
                 metrics.delivery_failures.inc()
         return delivered
 
-    def _record(self, body: dict[str, Any], delivered: list[Socket]) -> None:
+    def _record(self, body: dict[str, Any], delivered: list[Socket], at: datetime.datetime | None) -> None:
         if delivered:
-            self.log.record_deliveries(message_id(body), timezone.now(), delivered)
+            self.log.record_deliveries(message_id(body), at or timezone.now(), delivered)
             metrics.deliveries.inc(len(delivered))
             self.delivered += len(delivered)
 

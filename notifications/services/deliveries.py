@@ -54,15 +54,20 @@ def _insert_deliveries(rows: list[DeliveryRow]) -> None:
 
 
 def _copy(rows: list[DeliveryRow]) -> None:
-    """Rows of one message share its id, instance and time: those are formatted once."""
+    """Rows of one message share its id, instance and time, and the messages of one broker
+    message their instance and time: each is formatted once."""
     null, text = pg_copy.NULL, pg_copy.text
     prefixes: dict[tuple, str] = {}
+    places: dict[tuple, str] = {}
     lines = []
     for message_id, user_id, conn, instance, at in rows:
         key = (message_id, instance, at)
         prefix = prefixes.get(key)
         if prefix is None:
-            prefix = prefixes[key] = f"{message_id}\t{text(instance)}\t{at.isoformat()}"
+            place = places.get((instance, at))
+            if place is None:
+                place = places[instance, at] = f"{text(instance)}\t{at.isoformat()}"
+            prefix = prefixes[key] = f"{message_id}\t{place}"
         lines.append(f"{prefix}\t{null if user_id is None else user_id}\t{text(conn)}")
     pg_copy.copy_lines(Delivery, COPY_COLUMNS, lines)
 
