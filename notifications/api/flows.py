@@ -92,8 +92,11 @@ def _users_named(names: set[str]) -> dict[str, int]:
         return dict(cursor.fetchall())
 
 
-def message_from(fields: dict[str, Any], publisher: User, message_id: uuid.UUID | None = None) -> Message:
-    """The message a publish's validated fields (see `validated`) ask for, not yet stored."""
+def message_from(
+    fields: dict[str, Any], publisher: User, message_id: uuid.UUID | None = None, origin: str | None = None
+) -> Message:
+    """The message a publish's validated fields (see `validated`) ask for, not yet stored.
+    `origin` is this instance's RT_INSTANCE_ID (a batch reads the setting once)."""
     return new_message(
         message_id=message_id,
         topic=fields["topic"],
@@ -102,7 +105,7 @@ def message_from(fields: dict[str, Any], publisher: User, message_id: uuid.UUID 
         event=fields["event"] or "",
         payload=fields["payload"],
         publisher=publisher,
-        origin_instance=settings.RT_INSTANCE_ID,
+        origin_instance=settings.RT_INSTANCE_ID if origin is None else origin,
     )
 
 
@@ -333,8 +336,9 @@ class PublishBatch(AloneSteps):
     def build(self) -> list[Message]:
         """Its messages, not yet stored, with ids that find the batch again (`batch_ids`)."""
         ids = batch_ids(len(self.targets))
+        origin = settings.RT_INSTANCE_ID
         self.messages = [
-            message_from(fields, self.user, message_id)
+            message_from(fields, self.user, message_id, origin)
             for message_id, fields in zip(ids, self.targets, strict=True)
         ]
         self.recipients = [fields["user"] for fields in self.targets]

@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from notifications.models import Delivery, InboundFrame, Message, linked
+from notifications.services.messages import id_text
 from notifications.services.payloads import PayloadRejected, check_payload, may_hold_rounded_integers
 from notifications.services.streams import wire_name
 from notifications.services.topics import TOPIC_MAX_LENGTH, TOPIC_PATTERN, TOPIC_RULE, is_valid_topic_name
@@ -158,7 +159,7 @@ def message_record(
     if published not in times:
         times[published] = iso_datetime(published)
     return {
-        "id": str(message.id),
+        "id": id_text(message),
         "topic": message.topic,
         "user": username,
         "broadcast": message.broadcast,

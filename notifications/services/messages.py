@@ -42,6 +42,11 @@ _MESSAGE_CALLED_DEFAULTS = [
 ]
 
 
+_RELATED_FIELDS: dict[str, Any] = {
+    name: Message._meta.get_field(name) for name in ("user", "publisher", "source_inbound")
+}
+
+
 def new_message(
     *,
     message_id: uuid.UUID | None = None,
@@ -78,11 +83,21 @@ def new_message(
         source_inbound.pk if source_inbound is not None else source_inbound_id
     )
     message = _from_values(values)
-    # Related objects given as objects stay cached on the message, as the keyword form keeps them.
+    # Related objects given as objects stay cached on the message, as the keyword form keeps them
+    # (cached directly: the attribute's setter also asks the database routers, per message).
     for name, related in (("user", user), ("publisher", publisher), ("source_inbound", source_inbound)):
         if related is not None:
-            setattr(message, name, related)
+            _RELATED_FIELDS[name].set_cached_value(message, related)
     return message
+
+
+def id_text(message: Message) -> str:
+    """The message's id as text, formatted once: a publish writes it to the database, the broker
+    and the answer (a thousand times for a batch). The id of a stored message never changes."""
+    text = message.__dict__.get("_id_text")
+    if text is None:
+        text = message.__dict__["_id_text"] = str(message.id)
+    return text
 
 
 def _from_values(values: list[Any]) -> Message:
@@ -146,13 +161,13 @@ def store_messages(messages: list[Message]) -> None:
     for message in messages:
         message.created_at = now
         heads.append(
-            f"{message.id}\t{nullable(message.topic)}\t{nullable(message.user_id)}\t"
+            f"{id_text(message)}\t{nullable(message.topic)}\t{nullable(message.user_id)}\t"
             f"{'t' if message.broadcast else 'f'}\t{text(message.event)}\t{json_text(message.payload)}\t"
             f"{message.status}\t{nullable(message.publisher_id)}\t{text(message.origin_instance)}\t"
             f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{created}\t"
             f"{text(streams.stream_of(message))}\t"
         )
-    unconfirmed.await_confirm(messages)  # before the streams are locked: it takes a round trip
+    unconfirmed.await_confirm(messages, now)  # before the streams are locked: a round trip
     streams.number(messages)  # the streams stay locked from here to the commit
     lines = [f"{head}{message.seq}" for head, message in zip(heads, messages, strict=True)]
     pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
@@ -169,7 +184,7 @@ def broker_body(message: Message, times: dict[Any, str | None] | None = None) ->
     if published not in times:
         times[published] = published.isoformat().replace("+00:00", "Z") if published else None
     return {
-        "id": str(message.id),
+        "id": id_text(message),
         "stream": message.stream,
         "seq": message.seq,
         "epoch": getattr(message, "epoch", None),
@@ -201,7 +216,7 @@ def mark_published(messages: list[Message]) -> None:
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
         for when in {message.published_at for message in messages}:
-            ids = [m.id for m in messages if m.published_at == when]
+            ids = [id_text(m) for m in messages if m.published_at == when]
             if connection.vendor == "postgresql":
                 # One array parameter: the ORM's `IN (%s, ...)` is a new query text, and a
                 # parameter to quote, per message (a batch's confirm cost more than its COPY).
@@ -256,10 +271,9 @@ def batch_ids(count: int) -> list[uuid.UUID]:
     """
     if not 0 < count <= 1 << (8 * _INDEX_BYTES):
         raise ValueError(f"a batch holds 1 to {1 << (8 * _INDEX_BYTES)} messages")
-    prefix = secrets.token_bytes(16 - _INDEX_BYTES)
-    return [
-        uuid.UUID(bytes=prefix + index.to_bytes(_INDEX_BYTES, "big"), version=4) for index in range(count)
-    ]
+    # The version and variant bits lie in the shared bytes: set once, then each index is added.
+    first = uuid.UUID(bytes=secrets.token_bytes(16 - _INDEX_BYTES) + b"\x00" * _INDEX_BYTES, version=4).int
+    return [uuid.UUID(int=first | index) for index in range(count)]
 
 
 def batch_id_range(first: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
