@@ -6,7 +6,8 @@ import datetime
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection, transaction
+from django.db import DataError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from notifications.models import Message, PendingConfirm
@@ -131,3 +132,25 @@ def test_messages_accepted_before_the_migration_are_the_sweepers(settings):
     assert list(PendingConfirm.objects.values_list("created_at", flat=True)) == [old.created_at]
     settings.RT_SWEEP_GRACE_SECONDS = 0
     assert [m.id for m in unconfirmed.unconfirmed_messages()] == [old.id]
+
+
+def test_recording_a_confirm_outside_a_transaction_is_one_query_and_all_or_nothing():
+    messages = stored(3)
+    now = timezone.now()
+    for message in messages:
+        message.published_at = now
+    with CaptureQueriesContext(connection) as queries:
+        mark_published(messages)
+    assert len(queries) == 1, [q["sql"][:80] for q in queries]
+    assert set(Message.objects.values_list("status", flat=True)) == {Message.Status.PUBLISHED}
+    assert not PendingConfirm.objects.exists()
+
+    # Two publish times, one of which PostgreSQL refuses: neither update stays.
+    again = stored(2, topic="again")
+    again[0].published_at, again[1].published_at = now, "not a time"
+    with pytest.raises(DataError):
+        mark_published(again)
+    assert set(Message.objects.filter(topic="again").values_list("status", flat=True)) == {
+        Message.Status.ACCEPTED
+    }
+    assert PendingConfirm.objects.count() == 1

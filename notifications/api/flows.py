@@ -485,9 +485,12 @@ def finish_together(flows: Sequence[Flow]) -> None:
         # One commit, which need not wait for the disk (see mark_published): a key left
         # unfinished by a crash is completed by its next claim, since its message is not failed.
         try:
-            with transaction.atomic():
-                mark_published(confirmed)
-                idempotency.complete_many(completed)
+            if completed:
+                with transaction.atomic():
+                    mark_published(confirmed)
+                    idempotency.complete_many(completed)
+            else:
+                mark_published(confirmed)  # its own transaction, in one round trip
         except Exception:
             # Whatever failed after the broker took them (recording the confirm, say), the keys
             # stay with their messages: a retry answers with them and publishes nothing.

@@ -167,8 +167,16 @@ def store_messages(messages: list[Message]) -> None:
             f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{created}\t"
             f"{text(streams.stream_of(message))}\t"
         )
-    unconfirmed.await_confirm(messages, now)  # before the streams are locked: a round trip
-    streams.number(messages)  # the streams stay locked from here to the commit
+    # The store's PendingConfirm row and the numbering, in one round trip (each ~2 ms on a loaded
+    # machine, here while the group's requests wait): the streams stay locked from here to the commit.
+    numbering = streams.Numbering(messages)
+    advance_sql, advance_params = numbering.statement()
+    with connection.cursor() as cursor:
+        cursor.execute(f"{unconfirmed.INSERT_PENDING_SQL}; {advance_sql}", [now, *advance_params])
+        pending_id = cursor.fetchone()[0]
+        cursor.nextset()
+        numbering.apply(cursor.fetchall())
+    unconfirmed.hand_tickets(messages, pending_id)
     lines = [f"{head}{message.seq}" for head, message in zip(heads, messages, strict=True)]
     pg_copy.copy_lines(Message, MESSAGE_COLUMNS, lines)
 
@@ -208,29 +216,39 @@ def mark_published(messages: list[Message]) -> None:
 
     They are durable in the broker already, so this commit need not wait for the disk: at worst
     a database crash leaves them `accepted` (published again on a redelivery; web instances drop
-    the copy). Inside a caller's transaction it adds no savepoint (two round trips): a failure
-    here fails the caller's whole transaction anyway.
+    the copy). On PostgreSQL the statements travel in ONE query, which outside a transaction is
+    its own (PostgreSQL runs the statements of one simple query as one transaction): one round
+    trip instead of five, each ~2 ms on a loaded machine, on every publish's way to its answer.
+    Inside a caller's transaction it adds no savepoint: a failure here fails it anyway.
     """
-    with transaction.atomic(savepoint=False):
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-        for when in {message.published_at for message in messages}:
-            ids = [id_text(m) for m in messages if m.published_at == when]
-            if connection.vendor == "postgresql":
-                # One array parameter: the ORM's `IN (%s, ...)` is a new query text, and a
-                # parameter to quote, per message (a batch's confirm cost more than its COPY).
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        MARK_PUBLISHED_SQL, [Message.Status.PUBLISHED.value, when, pg_arrays.literal(ids)]
-                    )
-            else:
-                Message.objects.filter(id__in=ids).update(
+    times = {message.published_at for message in messages}
+    settled = unconfirmed.settled_stores(messages)
+    if connection.vendor == "postgresql":
+        statements = ["SET LOCAL synchronous_commit TO OFF"]
+        params: list[Any] = []
+        for when in times:
+            # One array parameter: the ORM's `IN (%s, ...)` is a new query text, and a parameter
+            # to quote, per message (a batch's confirm cost more than its COPY).
+            statements.append(MARK_PUBLISHED_SQL)
+            params += [Message.Status.PUBLISHED.value, when, pg_arrays.literal(_ids_at(messages, when))]
+        if settled:
+            statements.append(unconfirmed.DELETE_PENDING_SQL)
+            params.append(pg_arrays.literal(settled))
+        with connection.cursor() as cursor:
+            cursor.execute("; ".join(statements), params)
+    else:
+        with transaction.atomic(savepoint=False):
+            for when in times:
+                Message.objects.filter(id__in=_ids_at(messages, when)).update(
                     status=Message.Status.PUBLISHED, published_at=when, error=""
                 )
-        unconfirmed.forget_confirmed(messages)
+            unconfirmed.forget_settled(settled)
     for message in messages:
         message.status = Message.Status.PUBLISHED
+
+
+def _ids_at(messages: list[Message], when: Any) -> list[str]:
+    return [id_text(message) for message in messages if message.published_at == when]
 
 
 def mark_failed(message: Message, error: str, *, sent: bool = True) -> None:

@@ -69,19 +69,49 @@ def number(messages: list[Message]) -> None:
     One statement for all the streams, which are locked in name order (no deadlock between two
     transactions numbering the same streams).
     """
-    groups: dict[str, list[Message]] = {}
-    for message in messages:
-        message.stream = stream_of(message)
-        groups.setdefault(message.stream, []).append(message)
-    names = sorted(groups)
-    last = _advance([(name, len(groups[name])) for name in names])
-    for name in names:
-        group = groups[name]
-        top, epoch = last[name]
-        first = top - len(group) + 1
-        for offset, message in enumerate(group):
-            message.seq = first + offset
-            message.epoch = epoch  # not a column: the stream's row holds it
+    numbering = Numbering(messages)
+    if connection.vendor == "postgresql":
+        sql, params = numbering.statement()
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            numbering.apply(cursor.fetchall())
+    else:
+        numbering.apply(_advance_elsewhere(numbering.counts()))
+
+
+class Numbering:
+    """The numbering of some messages, as one statement to send (`statement`, PostgreSQL) and
+    what to do with its rows (`apply`): a caller may send it with other statements, in one
+    round trip (`messages.store_messages`)."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.groups: dict[str, list[Message]] = {}
+        for message in messages:
+            message.stream = stream_of(message)
+            self.groups.setdefault(message.stream, []).append(message)
+        self.names = sorted(self.groups)
+
+    def counts(self) -> list[tuple[str, int]]:
+        return [(name, len(self.groups[name])) for name in self.names]
+
+    def statement(self) -> tuple[str, list[str]]:
+        """ADVANCE_SQL and its parameters: add each stream's count to its last seq (creating it
+        at 0); it returns each stream's new last seq and epoch."""
+        return ADVANCE_SQL, [
+            pg_arrays.literal(self.names),
+            pg_arrays.literal(len(self.groups[name]) for name in self.names),
+        ]
+
+    def apply(self, rows: Iterable[tuple[str, int, str]]) -> None:
+        """Number the messages from the statement's rows (name, new last seq, epoch)."""
+        last = {name: (last_seq, epoch) for name, last_seq, epoch in rows}
+        for name in self.names:
+            group = self.groups[name]
+            top, epoch = last[name]
+            first = top - len(group) + 1
+            for offset, message in enumerate(group):
+                message.seq = first + offset
+                message.epoch = epoch  # not a column: the stream's row holds it
 
 
 # One text for any number of streams (psycopg caches a query's parsing by its text; a VALUES
@@ -98,27 +128,20 @@ ADVANCE_SQL = (
 )
 
 
-def _advance(counts: list[tuple[str, int]]) -> dict[str, tuple[int, str]]:
-    """Add `count` to each named stream's last seq (creating it at 0); its new last seq and epoch."""
+def _advance_elsewhere(counts: list[tuple[str, int]]) -> list[tuple[str, int, str]]:
+    """ADVANCE_SQL's work on databases other than PostgreSQL (SQLite, for development)."""
+    rows = ", ".join(["(%s, %s, %s)"] * len(counts))
+    params: list[Any] = []
+    for name, count in counts:
+        params += [name, new_epoch(), count]
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            names = [name for name, _ in counts]
-            cursor.execute(
-                ADVANCE_SQL,
-                [pg_arrays.literal(names), pg_arrays.literal(n for _, n in counts)],
-            )
-        else:
-            rows = ", ".join(["(%s, %s, %s)"] * len(counts))
-            params: list[Any] = []
-            for name, count in counts:
-                params += [name, new_epoch(), count]
-            cursor.execute(
-                f"INSERT INTO notifications_stream (name, epoch, last_seq) VALUES {rows} "
-                "ON CONFLICT (name) DO UPDATE SET last_seq = notifications_stream.last_seq + excluded.last_seq "
-                "RETURNING name, last_seq, epoch",
-                params,
-            )
-        return {name: (last_seq, epoch) for name, last_seq, epoch in cursor.fetchall()}
+        cursor.execute(
+            f"INSERT INTO notifications_stream (name, epoch, last_seq) VALUES {rows} "
+            "ON CONFLICT (name) DO UPDATE SET last_seq = notifications_stream.last_seq + excluded.last_seq "
+            "RETURNING name, last_seq, epoch",
+            params,
+        )
+        return cursor.fetchall()
 
 
 def give_back(message: Message) -> None:

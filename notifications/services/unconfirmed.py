@@ -12,12 +12,11 @@ import uuid
 from collections import Counter
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from notifications.models import InboundFrame, Message, PendingConfirm, PendingConfirmTicket
-from notifications.services import pg_arrays
 from notifications.services.streams import with_epochs
 
 # Records handled per sweep at most, so one sweep stays short.
@@ -30,49 +29,41 @@ def _cutoff() -> datetime.datetime:
     return timezone.now() - datetime.timedelta(seconds=settings.RT_SWEEP_GRACE_SECONDS)
 
 
-def await_confirm(messages: list[Message], created_at: datetime.datetime | None = None) -> None:
+def await_confirm(messages: list[Message]) -> None:
     """Write the `PendingConfirm` rows of messages being stored (call in their transaction), one
-    per `created_at` (a store gives its messages one: pass it), and give each message its row's
-    ticket."""
-    if created_at is not None:
-        by_time = {created_at: messages}
-    else:
-        by_time = {}
-        for message in messages:
-            by_time.setdefault(message.created_at, []).append(message)
-    for when, stored in by_time.items():
-        ticket = PendingConfirmTicket(_insert_pending(when), len(stored))
-        for message in stored:
-            message.pending = ticket
+    per `created_at`, and give each message its row's ticket. (`messages.store_messages` sends
+    INSERT_PENDING_SQL with its other statements instead, then calls `hand_tickets`.)"""
+    by_time: dict[datetime.datetime, list[Message]] = {}
+    for message in messages:
+        by_time.setdefault(message.created_at, []).append(message)
+    for created_at, stored in by_time.items():
+        hand_tickets(stored, PendingConfirm.objects.create(created_at=created_at).pk)
 
 
-def _insert_pending(created_at: datetime.datetime) -> int:
-    """A new `PendingConfirm` row's id (on PostgreSQL a plain INSERT: the ORM's costs ~10 times its
-    round trip in Python, and a web instance writes one per group of publishes)."""
-    if connection.vendor != "postgresql":
-        return PendingConfirm.objects.create(created_at=created_at).pk
-    with connection.cursor() as cursor:
-        cursor.execute(INSERT_PENDING_SQL, [created_at])
-        return cursor.fetchone()[0]
+def hand_tickets(messages: list[Message], row_id: int) -> None:
+    """Tell the messages of one store their `PendingConfirm` row (see `settled_stores`)."""
+    ticket = PendingConfirmTicket(row_id, len(messages))
+    for message in messages:
+        message.pending = ticket
 
 
 INSERT_PENDING_SQL = f"INSERT INTO {PendingConfirm._meta.db_table} (created_at) VALUES (%s) RETURNING id"
 DELETE_PENDING_SQL = f"DELETE FROM {PendingConfirm._meta.db_table} WHERE id = ANY(%s::bigint[])"
 
 
-def forget_confirmed(messages: list[Message]) -> None:
-    """Delete the `PendingConfirm` rows all of whose messages are among these, just recorded
-    published (call in that transaction). A row some of whose messages are not (a batch the
+def settled_stores(messages: list[Message]) -> list[int]:
+    """The `PendingConfirm` rows all of whose messages are among these (just recorded published):
+    to delete in that record's transaction. A row some of whose messages are not (a batch the
     broker confirmed in part) stays: the sweeper publishes the rest, then deletes it."""
     counts = Counter(message.pending for message in messages)
-    done = [ticket.id for ticket, count in counts.items() if ticket is not None and count >= ticket.size]
-    if not done:
-        return
-    if connection.vendor != "postgresql":
-        PendingConfirm.objects.filter(id__in=done).delete()
-        return
-    with connection.cursor() as cursor:  # the ORM's delete costs ~10 times its round trip in Python
-        cursor.execute(DELETE_PENDING_SQL, [pg_arrays.literal(done)])
+    return [ticket.id for ticket, count in counts.items() if ticket is not None and count >= ticket.size]
+
+
+def forget_settled(row_ids: list[int]) -> None:
+    """Delete these `PendingConfirm` rows (see `settled_stores`; PostgreSQL sends DELETE_PENDING_SQL
+    with the record of the confirm itself)."""
+    if row_ids:
+        PendingConfirm.objects.filter(id__in=row_ids).delete()
 
 
 def unconfirmed_messages() -> list[Message]:
