@@ -135,6 +135,9 @@ def test_messages_accepted_before_the_migration_are_the_sweepers(settings):
 
 
 def test_recording_a_confirm_outside_a_transaction_is_one_query_and_all_or_nothing():
+    with CaptureQueriesContext(connection) as queries:
+        mark_published([])
+    assert not queries
     messages = stored(3)
     now = timezone.now()
     for message in messages:
