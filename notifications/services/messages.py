@@ -157,6 +157,7 @@ def store_messages(messages: list[Message]) -> None:
     def nullable(value: Any) -> str:
         return null if value is None else text(str(value))
 
+    numbering = streams.Numbering(messages)  # gives each message its stream (no database yet)
     heads = []
     for message in messages:
         message.created_at = now
@@ -165,11 +166,10 @@ def store_messages(messages: list[Message]) -> None:
             f"{'t' if message.broadcast else 'f'}\t{text(message.event)}\t{json_text(message.payload)}\t"
             f"{message.status}\t{nullable(message.publisher_id)}\t{text(message.origin_instance)}\t"
             f"{nullable(message.source_inbound_id)}\t{text(message.error)}\t{created}\t"
-            f"{text(streams.stream_of(message))}\t"
+            f"{text(message.stream)}\t"
         )
     # The store's PendingConfirm row and the numbering, in one round trip (each ~2 ms on a loaded
     # machine, here while the group's requests wait): the streams stay locked from here to the commit.
-    numbering = streams.Numbering(messages)
     advance_sql, advance_params = numbering.statement()
     with connection.cursor() as cursor:
         cursor.execute(f"{unconfirmed.INSERT_PENDING_SQL}; {advance_sql}", [now, *advance_params])
